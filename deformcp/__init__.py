@@ -1,0 +1,29 @@
+"""deformcp: deformable convolution (DCNv1 and DCNv2) for NumPy, CuPy, PyTorch and JAX.
+
+Public API
+----------
+deform_conv2d
+    The forward pass.
+deform_conv2d_backward
+    Its five gradients, as a :class:`Gradients` named tuple.
+deform_im2col
+    The sampled column matrix, a building block for other DCN variants.
+get_workspace_limit, set_workspace_limit, workspace_limit
+    The scratch-space limit every backend tiles its work under.
+"""
+
+from .api import Gradients, deform_conv2d, deform_conv2d_backward, deform_im2col
+from .workspace import get_workspace_limit, set_workspace_limit, workspace_limit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Gradients",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+    "deform_im2col",
+    "get_workspace_limit",
+    "set_workspace_limit",
+    "workspace_limit",
+    "__version__",
+]

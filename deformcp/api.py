@@ -1,0 +1,183 @@
+"""The public functions: validate once, pick a backend, run it.
+
+Data flows one way: user arrays -> validation into a :class:`~deformcp.geometry.ConvGeometry`
+-> backend -> result of the caller's array type.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Optional
+
+from .backends import backend_for
+from .dtypes import common_dtype
+from .geometry import IntPair, Padding, conv_geometry, im2col_geometry
+
+__all__ = ["Gradients", "deform_conv2d", "deform_conv2d_backward", "deform_im2col"]
+
+GRADIENT_NAMES = ("x", "offset", "mask", "weight", "bias")
+
+
+class Gradients(NamedTuple):
+    """The gradients of :func:`deform_conv2d` with respect to its five inputs.
+
+    A field is ``None`` when its input was ``None`` (no mask, no bias) or when it was
+    not asked for.
+    """
+
+    grad_x: Optional[object]
+    grad_offset: Optional[object]
+    grad_mask: Optional[object]
+    grad_weight: Optional[object]
+    grad_bias: Optional[object]
+
+
+def _shape(array):
+    return None if array is None else tuple(array.shape)
+
+
+def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, padding: Padding = 0,
+                  dilation: IntPair = 1):
+    """Deformable 2-D convolution (DCNv1, or DCNv2 when ``mask`` is given).
+
+    Each output pixel samples the input at the kernel's points displaced by
+    ``offset`` (bilinear interpolation, zero outside the image), multiplies each
+    sample by ``mask``, and convolves the samples with ``weight``.  The semantics
+    are those of ``torchvision.ops.deform_conv2d``; ``docs/semantics.md`` states them.
+
+    Parameters
+    ----------
+    x : array, shape (B, C, H, W)
+        Input.
+    offset : array, shape (B, 2*G*kh*kw, H_out, W_out)
+        Displacements; channel ``g*2*kh*kw + 2*k`` is the vertical and ``+ 1`` the
+        horizontal displacement of kernel point ``k = i*kw + j`` in offset group ``g``.
+        ``G``, the number of offset groups, is inferred from this shape.
+    mask : array, shape (B, G*kh*kw, H_out, W_out), or None
+        Modulation (DCNv2); ``None`` means DCNv1, the same as a mask of ones.
+    weight : array, shape (C_out, C/groups, kh, kw)
+        Convolution weight; ``groups = C // weight.shape[1]``.
+    bias : array, shape (C_out,), optional
+    stride, dilation : int or (int, int), keyword-only
+    padding : int, (int, int) or (int, int, int, int), keyword-only
+        Zero padding: all sides, ``(h, w)``, or ``(top, left, bottom, right)`` (ONNX order).
+
+    Returns
+    -------
+    array, shape (B, C_out, H_out, W_out)
+        Of the input's array type and dtype, where
+        ``H_out = (H + pad_top + pad_bottom - dilation_h*(kh-1) - 1) // stride_h + 1``.
+
+    Raises
+    ------
+    ValueError
+        If a shape or a geometry argument is invalid; the message names it.
+    TypeError
+        If an input is not a floating array of a supported dtype, or the dtypes differ.
+
+    Notes
+    -----
+    float16 and bfloat16 are computed in float32 and rounded once.  NaN in any input
+    propagates to the outputs that read it; see ``docs/semantics.md``.
+
+    Examples
+    --------
+    >>> import numpy as np, deformcp
+    >>> x = np.random.rand(1, 4, 8, 8).astype(np.float32)
+    >>> w = np.random.rand(6, 4, 3, 3).astype(np.float32)
+    >>> offset = np.zeros((1, 18, 8, 8), np.float32)
+    >>> deformcp.deform_conv2d(x, offset, None, w, padding=1).shape
+    (1, 6, 8, 8)
+    """
+    backend = backend_for(dict(x=x, offset=offset, mask=mask, weight=weight, bias=bias))
+    common_dtype(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
+    geom = conv_geometry(_shape(x), _shape(offset), _shape(mask), _shape(weight), _shape(bias),
+                         stride=stride, padding=padding, dilation=dilation)
+    return backend.forward(geom, x, offset, mask, weight, bias)
+
+
+def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stride: IntPair = 1,
+                           padding: Padding = 0, dilation: IntPair = 1,
+                           wrt: Iterable[str] = GRADIENT_NAMES) -> Gradients:
+    """Gradients of :func:`deform_conv2d` with respect to all five inputs.
+
+    Parameters
+    ----------
+    grad_out : array, shape (B, C_out, H_out, W_out)
+        Gradient of the loss with respect to the output.
+    x, offset, mask, weight, bias, stride, padding, dilation
+        The arguments of the forward call.
+    wrt : iterable of str, keyword-only
+        Which gradients to compute, among ``"x", "offset", "mask", "weight", "bias"``
+        (default: all).  Work that only the others need is skipped.
+
+    Returns
+    -------
+    Gradients
+        ``(grad_x, grad_offset, grad_mask, grad_weight, grad_bias)``, each of its
+        input's shape, array type and dtype; ``None`` for an input that was ``None``
+        or a gradient not in ``wrt``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`deform_conv2d`; also if ``grad_out`` has the wrong shape or ``wrt``
+        names an unknown input.
+
+    Notes
+    -----
+    ``grad_offset`` follows torchvision's rule on integer coordinates: the derivative
+    is taken over the cell ``[n, n+1]``, and is non-zero exactly on the lines
+    ``py = -1`` and ``px = -1`` (see ``docs/semantics.md``).
+    """
+    wanted = frozenset(_checked_wrt(wrt))
+    backend = backend_for(dict(grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, bias=bias))
+    common_dtype(grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, bias=bias)
+    geom = conv_geometry(_shape(x), _shape(offset), _shape(mask), _shape(weight), _shape(bias),
+                         stride=stride, padding=padding, dilation=dilation)
+    if _shape(grad_out) != geom.out_shape:
+        raise ValueError(f"grad_out must have the output's shape {geom.out_shape}, got {_shape(grad_out)}")
+    if mask is None:
+        wanted -= {"mask"}
+    if bias is None:
+        wanted -= {"bias"}
+    grads = backend.backward(geom, grad_out, x, offset, mask, weight, wanted)
+    return Gradients(*(grads.get(name) for name in GRADIENT_NAMES))
+
+
+def _checked_wrt(wrt) -> list:
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    names = list(wrt)
+    unknown = [n for n in names if n not in GRADIENT_NAMES]
+    if unknown:
+        raise ValueError(f"wrt must name inputs among {GRADIENT_NAMES}, got unknown {unknown}")
+    return names
+
+
+def deform_im2col(x, offset, mask, kernel_size: IntPair, *, stride: IntPair = 1, padding: Padding = 0,
+                  dilation: IntPair = 1):
+    """Deformable im2col: the sampled, mask-weighted column matrix.
+
+    Parameters
+    ----------
+    x : array, shape (B, C, H, W)
+    offset : array, shape (B, 2*G*kh*kw, H_out, W_out)
+    mask : array, shape (B, G*kh*kw, H_out, W_out), or None
+    kernel_size : int or (int, int)
+        ``(kh, kw)``.
+    stride, padding, dilation
+        As for :func:`deform_conv2d`.
+
+    Returns
+    -------
+    array, shape (B, C*kh*kw, H_out*W_out)
+        The layout of ``torch.nn.functional.unfold``: element ``[b, c*kh*kw + i*kw + j, oy*W_out + ox]``
+        is ``mask * bilinear(x[b, c], py, px)`` for kernel point ``(i, j)`` at output pixel
+        ``(oy, ox)``.  With zero offsets and no mask it equals ``unfold``; for ``groups=1``,
+        ``weight.reshape(C_out, -1) @ columns`` is the convolution.
+    """
+    backend = backend_for(dict(x=x, offset=offset, mask=mask))
+    common_dtype(x=x, offset=offset, mask=mask)
+    geom = im2col_geometry(_shape(x), _shape(offset), _shape(mask), kernel_size,
+                           stride=stride, padding=padding, dilation=dilation)
+    return backend.im2col(geom, x, offset, mask)

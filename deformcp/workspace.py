@@ -1,0 +1,131 @@
+"""The workspace limit, and the tiling of a convolution into pieces that respect it.
+
+Deformable convolution materialises a column matrix of ``C*kh*kw`` values per
+output pixel, which for large inputs would not fit in memory.  Every backend
+therefore processes the output in *tiles*: ranges of the batch, and, when one
+image alone is too large, bands of output rows.  Each backend states how many
+bytes of scratch space one output pixel and one input image need; this module
+picks the largest tiles whose scratch space stays under the limit.
+
+The limit is 256 MiB unless the environment variable ``DEFORMCP_WORKSPACE_BYTES``
+or :func:`set_workspace_limit` says otherwise.  It bounds the scratch space, not
+the inputs and outputs themselves.  The smallest tile is one output row of one
+image, so a limit below that row's need is exceeded rather than failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, List
+
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "Tile",
+    "get_workspace_limit",
+    "set_workspace_limit",
+    "workspace_limit",
+    "plan_tiles",
+]
+
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+
+
+def _checked_limit(nbytes, source: str) -> int:
+    try:
+        value = int(nbytes)
+    except (TypeError, ValueError):
+        raise TypeError(f"{source} must be an integer number of bytes, got {nbytes!r}") from None
+    if value < 1:
+        raise ValueError(f"{source} must be a positive number of bytes, got {value}")
+    return value
+
+
+_limit = _checked_limit(os.environ.get("DEFORMCP_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES),
+                        "DEFORMCP_WORKSPACE_BYTES")
+
+
+def get_workspace_limit() -> int:
+    """Return the scratch-space limit in bytes that every backend tiles its work under."""
+    return _limit
+
+
+def set_workspace_limit(nbytes: int) -> int:
+    """Set the scratch-space limit in bytes; return the previous limit.
+
+    Parameters
+    ----------
+    nbytes : int
+        A positive number of bytes.
+    """
+    global _limit
+    previous, _limit = _limit, _checked_limit(nbytes, "nbytes")
+    return previous
+
+
+@contextlib.contextmanager
+def workspace_limit(nbytes: int) -> Iterator[None]:
+    """Context manager that sets the workspace limit and restores the previous one on exit."""
+    previous = set_workspace_limit(nbytes)
+    try:
+        yield
+    finally:
+        set_workspace_limit(previous)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A piece of the output: images ``batch_start:batch_stop``, output rows ``row_start:row_stop``."""
+
+    batch_start: int
+    batch_stop: int
+    row_start: int
+    row_stop: int
+
+    @property
+    def batch(self) -> slice:
+        return slice(self.batch_start, self.batch_stop)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_stop)
+
+    @property
+    def images(self) -> int:
+        return self.batch_stop - self.batch_start
+
+    @property
+    def out_rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+def plan_tiles(batch: int, out_h: int, out_w: int, bytes_per_pixel: int, bytes_per_image: int,
+               limit: int | None = None) -> List[Tile]:
+    """Split ``batch`` images of ``out_h x out_w`` output pixels into tiles under the workspace limit.
+
+    Parameters
+    ----------
+    batch, out_h, out_w : int
+        The output's batch size and spatial size.
+    bytes_per_pixel : int
+        Scratch bytes one output pixel of one image needs.
+    bytes_per_image : int
+        Scratch bytes one input image needs whatever the number of its output rows in the tile
+        (a channels-last copy of it, for example).
+    limit : int, optional
+        Defaults to :func:`get_workspace_limit`.
+
+    Returns
+    -------
+    list of Tile
+        Whole images where at least one fits, otherwise bands of rows of single images.
+    """
+    limit = get_workspace_limit() if limit is None else limit
+    image_bytes = bytes_per_image + bytes_per_pixel * out_h * out_w
+    if image_bytes <= limit:
+        per_tile = max(1, limit // max(image_bytes, 1))
+        return [Tile(b, min(b + per_tile, batch), 0, out_h) for b in range(0, batch, per_tile)]
+    row_bytes = bytes_per_pixel * out_w
+    rows = max(1, (limit - bytes_per_image) // max(row_bytes, 1)) if limit > bytes_per_image else 1
+    return [Tile(b, b + 1, r, min(r + rows, out_h)) for b in range(batch) for r in range(0, out_h, rows)]
