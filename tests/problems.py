@@ -1,0 +1,129 @@
+"""Random deformable-convolution problems for the tests: one generator every test module shares.
+
+``Spec`` describes a geometry; :func:`make_problem` draws fresh random arrays for it
+(offsets with a spread of about 2 pixels, masks uniform in (0, 1), never zeros);
+:func:`specs` is the hypothesis strategy over the geometry space the core, the
+kernel-emulation and the GPU tests all cover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+from hypothesis import strategies as st
+
+
+@dataclass(frozen=True)
+class Spec:
+    batch: int = 2
+    in_channels: int = 4
+    height: int = 6
+    width: int = 5
+    out_channels: int = 4
+    kernel: Tuple[int, int] = (3, 3)
+    groups: int = 1
+    offset_groups: int = 1
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, ...] = (1, 1, 1, 1)
+    dilation: Tuple[int, int] = (1, 1)
+    mask: bool = True
+    bias: bool = True
+
+    @property
+    def out_size(self) -> Tuple[int, int]:
+        pad = self.padding if len(self.padding) == 4 else (*self.padding, *self.padding)
+        kh, kw = self.kernel
+        oh = (self.height + pad[0] + pad[2] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        ow = (self.width + pad[1] + pad[3] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return oh, ow
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+@dataclass
+class Problem:
+    """Arrays of one random problem; ``mask`` and ``bias`` are None when the spec has none."""
+
+    spec: Spec
+    x: np.ndarray
+    offset: np.ndarray
+    mask: Optional[np.ndarray]
+    weight: np.ndarray
+    bias: Optional[np.ndarray]
+    grad_out: np.ndarray
+
+    @property
+    def inputs(self) -> tuple:
+        """``(x, offset, mask, weight, bias)``, the positional arguments of deform_conv2d."""
+        return (self.x, self.offset, self.mask, self.weight, self.bias)
+
+    def astype(self, dtype) -> "Problem":
+        cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+        return Problem(self.spec, *(cast(a) for a in (self.x, self.offset, self.mask, self.weight, self.bias,
+                                                         self.grad_out)))
+
+
+def make_problem(spec: Spec, rng: np.random.Generator, dtype=np.float64, offset_spread: float = 2.0) -> Problem:
+    """Draw a random problem for ``spec`` (float64 draws, cast to ``dtype``)."""
+    kh, kw = spec.kernel
+    oh, ow = spec.out_size
+    k = kh * kw
+    b = spec.batch
+    x = rng.standard_normal((b, spec.in_channels, spec.height, spec.width))
+    offset = rng.normal(0.0, offset_spread, (b, 2 * spec.offset_groups * k, oh, ow))
+    mask = rng.uniform(0.0, 1.0, (b, spec.offset_groups * k, oh, ow)) if spec.mask else None
+    weight = rng.standard_normal((spec.out_channels, spec.in_channels // spec.groups, kh, kw)) / np.sqrt(
+        k * spec.in_channels / spec.groups)
+    bias = rng.standard_normal(spec.out_channels) if spec.bias else None
+    grad_out = rng.standard_normal((b, spec.out_channels, oh, ow))
+    return Problem(spec, x, offset, mask, weight, bias, grad_out).astype(dtype)
+
+
+@st.composite
+def specs(draw, max_batch: int = 3, max_size: int = 7, allow_empty_batch: bool = True) -> Spec:
+    """Hypothesis strategy over small geometries: groups, offset groups, stride, symmetric and
+    asymmetric padding, dilation, non-square kernels, mask or not, bias or not, H or W of 1."""
+    groups = draw(st.sampled_from([1, 2]))
+    offset_groups = draw(st.sampled_from([1, 2]))
+    per = draw(st.integers(1, 2))
+    in_channels = groups * offset_groups * per
+    out_channels = groups * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    if draw(st.booleans()):
+        p = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        padding = p + p
+    else:
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    # The padded input must hold the dilated kernel.
+    min_h = max(1, dilation[0] * (kh - 1) + 1 - padding[0] - padding[2])
+    min_w = max(1, dilation[1] * (kw - 1) + 1 - padding[1] - padding[3])
+    height = draw(st.integers(min_h, max(min_h, max_size)))
+    width = draw(st.integers(min_w, max(min_w, max_size)))
+    batch = draw(st.integers(0 if allow_empty_batch else 1, max_batch))
+    return Spec(batch=batch, in_channels=in_channels, height=height, width=width, out_channels=out_channels,
+                kernel=(kh, kw), groups=groups, offset_groups=offset_groups, stride=stride, padding=padding,
+                dilation=dilation, mask=draw(st.booleans()), bias=draw(st.booleans()))
+
+
+def relative_error(actual, expected) -> float:
+    """``||actual - expected|| / ||expected||`` in float64; inf if anything is NaN (NaN never passes)."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
+    if np.isnan(a).any() or np.isnan(e).any():
+        return float("inf")
+    denom = np.linalg.norm(e)
+    num = np.linalg.norm(a - e)
+    if denom == 0:
+        return float(num)
+    return float(num / denom)
+
+
+# Relative-error tolerances per dtype against a float64 reference.
+TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
