@@ -1,0 +1,156 @@
+"""A float64 brute-force reference for deformable convolution.
+
+Written straight from ``docs/semantics.md`` with explicit Python loops, sharing
+no code with the backends, so that it can check them: the test suite and
+``python -m deformcp`` compare every backend against it.  Slow by design: use it
+on small problems only.  Arguments are NumPy arrays and the geometry keywords of
+:func:`deformcp.deform_conv2d`; results are float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _bilinear(img, h, w, y, x):
+    """Zero-padded bilinear sample of one channel, with the early exit outside (-1, H) x (-1, W)."""
+    if y <= -1 or y >= h or x <= -1 or x >= w:
+        return 0.0
+    y0, x0 = math.floor(y), math.floor(x)
+    ly, lx = y - y0, x - x0
+    total = 0.0
+    for yy, xx, wt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
+                       (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
+        if 0 <= yy < h and 0 <= xx < w:
+            total += wt * img[yy, xx]
+    return total
+
+
+def _corner_values(img, h, w, y, x):
+    y0, x0 = math.floor(y), math.floor(x)
+    vals = []
+    for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+        vals.append(img[yy, xx] if 0 <= yy < h and 0 <= xx < w else 0.0)
+    return vals, y - y0, x - x0
+
+
+def _pad4(padding):
+    if isinstance(padding, int):
+        return (padding,) * 4
+    if len(padding) == 2:
+        return (padding[0], padding[1], padding[0], padding[1])
+    return tuple(padding)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _positions(x_shape, offset, kh, kw, stride, padding, dilation):
+    """Yield (b, g, i, j, k, oy, ox, py, px) for every sample."""
+    B = x_shape[0]
+    G = offset.shape[1] // (2 * kh * kw)
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    pt, pl, _, _ = _pad4(padding)
+    Ho, Wo = offset.shape[2], offset.shape[3]
+    for b in range(B):
+        for g in range(G):
+            for i in range(kh):
+                for j in range(kw):
+                    k = i * kw + j
+                    for oy in range(Ho):
+                        for ox in range(Wo):
+                            dy = offset[b, g * 2 * kh * kw + 2 * k, oy, ox]
+                            dx = offset[b, g * 2 * kh * kw + 2 * k + 1, oy, ox]
+                            py = oy * sh - pt + i * dh + dy
+                            px = ox * sw - pl + j * dw + dx
+                            yield b, g, i, j, k, oy, ox, py, px
+
+
+def im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
+    """Columns of shape (B, C, kh*kw, H_out, W_out), float64."""
+    x = np.asarray(x, np.float64)
+    B, C, H, W = x.shape
+    G = offset.shape[1] // (2 * kh * kw)
+    cg = C // G
+    Ho, Wo = offset.shape[2], offset.shape[3]
+    cols = np.zeros((B, C, kh * kw, Ho, Wo))
+    for b, g, i, j, k, oy, ox, py, px in _positions(x.shape, offset, kh, kw, stride, padding, dilation):
+        m = 1.0 if mask is None else mask[b, g * kh * kw + k, oy, ox]
+        for c in range(g * cg, (g + 1) * cg):
+            cols[b, c, k, oy, ox] = m * _bilinear(x[b, c], H, W, py, px)
+    return cols
+
+
+def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
+    """Forward pass in float64."""
+    x, offset, weight = (np.asarray(a, np.float64) for a in (x, offset, weight))
+    mask = None if mask is None else np.asarray(mask, np.float64)
+    Cout, cpg, kh, kw = weight.shape
+    B, C = x.shape[:2]
+    groups = C // cpg
+    opg = Cout // groups
+    cols = im2col(x, offset, mask, kh, kw, stride, padding, dilation)
+    Ho, Wo = cols.shape[3], cols.shape[4]
+    y = np.zeros((B, Cout, Ho, Wo))
+    for o in range(Cout):
+        gi = o // opg
+        for c in range(cpg):
+            for k in range(kh * kw):
+                y[:, o] += weight[o, c, k // kw, k % kw] * cols[:, gi * cpg + c, k]
+        if bias is not None:
+            y[:, o] += bias[o]
+    return y
+
+
+def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
+    """All five gradients in float64, as a dict keyed by input name (mask/bias None when absent)."""
+    grad_out, x, offset, weight = (np.asarray(a, np.float64) for a in (grad_out, x, offset, weight))
+    mask = None if mask is None else np.asarray(mask, np.float64)
+    Cout, cpg, kh, kw = weight.shape
+    B, C, H, W = x.shape
+    G = offset.shape[1] // (2 * kh * kw)
+    cg = C // G
+    groups = C // cpg
+    opg = Cout // groups
+    K = kh * kw
+    cols = im2col(x, offset, mask, kh, kw, stride, padding, dilation)
+    # grad_columns[b, c, k, oy, ox] = sum_o weight[o, c', k] * grad_out[b, o]
+    gcols = np.zeros_like(cols)
+    gw = np.zeros_like(weight)
+    for c in range(C):
+        gi, cl = divmod(c, cpg)
+        for o in range(gi * opg, (gi + 1) * opg):
+            for k in range(K):
+                gcols[:, c, k] += weight[o, cl, k // kw, k % kw] * grad_out[:, o]
+                gw[o, cl, k // kw, k % kw] += np.sum(grad_out[:, o] * cols[:, c, k])
+    gx = np.zeros_like(x)
+    goff = np.zeros_like(offset)
+    gmask = None if mask is None else np.zeros_like(mask)
+    for b, g, i, j, k, oy, ox, py, px in _positions(x.shape, offset, kh, kw, stride, padding, dilation):
+        m = 1.0 if mask is None else mask[b, g * K + k, oy, ox]
+        dpy = dpx = dm = 0.0
+        inside_sample = not (py <= -1 or py >= H or px <= -1 or px >= W)
+        y0, x0 = math.floor(py), math.floor(px)
+        ly, lx = py - y0, px - x0
+        for c in range(g * cg, (g + 1) * cg):
+            gc = gcols[b, c, k, oy, ox]
+            (v1, v2, v3, v4), _, _ = _corner_values(x[b, c], H, W, py, px)
+            # coordinate gradient: no early exit (torchvision's rule)
+            dpy += m * gc * ((1 - lx) * (v3 - v1) + lx * (v4 - v2))
+            dpx += m * gc * ((1 - ly) * (v2 - v1) + ly * (v4 - v3))
+            if inside_sample:
+                dm += gc * _bilinear(x[b, c], H, W, py, px)
+                for yy, xx, wt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
+                                   (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
+                    if 0 <= yy < H and 0 <= xx < W:
+                        gx[b, c, yy, xx] += m * wt * gc
+        goff[b, g * 2 * K + 2 * k, oy, ox] = dpy
+        goff[b, g * 2 * K + 2 * k + 1, oy, ox] = dpx
+        if gmask is not None:
+            gmask[b, g * K + k, oy, ox] = dm
+    gb = None if bias is None else grad_out.sum(axis=(0, 2, 3))
+    return dict(x=gx, offset=goff, mask=gmask, weight=gw, bias=gb)
