@@ -127,3 +127,131 @@ def relative_error(actual, expected) -> float:
 
 # Relative-error tolerances per dtype against a float64 reference.
 TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the core test modules (forward, gradients, properties,
+# invariants, dtypes, non-finite, workspace): run a Problem through deformcp or
+# through the float64 loop reference, and compare.
+# ---------------------------------------------------------------------------
+
+GRADIENT_NAMES = ("x", "offset", "mask", "weight", "bias")
+
+
+def run_forward(problem: Problem, **kwargs):
+    """``deformcp.deform_conv2d`` on the problem's inputs and geometry (``kwargs`` override the geometry)."""
+    import deformcp
+
+    return deformcp.deform_conv2d(*problem.inputs, **{**problem.spec.kwargs, **kwargs})
+
+
+def run_backward(problem: Problem, **kwargs) -> dict:
+    """``deformcp.deform_conv2d_backward`` on the problem, as a dict keyed x/offset/mask/weight/bias."""
+    import deformcp
+
+    grads = deformcp.deform_conv2d_backward(problem.grad_out, *problem.inputs,
+                                            **{**problem.spec.kwargs, **kwargs})
+    return dict(zip(GRADIENT_NAMES, grads))
+
+
+def run_im2col(problem: Problem, **kwargs):
+    """``deformcp.deform_im2col`` on the problem, reshaped to the reference's (B, C, K, H_out, W_out)."""
+    import deformcp
+
+    cols = deformcp.deform_im2col(problem.x, problem.offset, problem.mask, problem.spec.kernel,
+                                  **{**problem.spec.kwargs, **kwargs})
+    b, c = problem.x.shape[:2]
+    return cols.reshape(b, c, -1, *problem.spec.out_size)
+
+
+# The loop reference is imported lazily so that this module stays importable on its own.
+def reference_forward(problem: Problem) -> np.ndarray:
+    """Float64 loop-reference forward pass of the problem (inputs read as float64)."""
+    import reference
+
+    return reference.deform_conv2d(*_float64(problem.inputs), **problem.spec.kwargs)
+
+
+def reference_backward(problem: Problem) -> dict:
+    """Float64 loop-reference gradients of the problem, keyed x/offset/mask/weight/bias."""
+    import reference
+
+    return reference.deform_conv2d_backward(*_float64((problem.grad_out, *problem.inputs)), **problem.spec.kwargs)
+
+
+def reference_columns(problem: Problem) -> np.ndarray:
+    """Float64 loop-reference deformable im2col, shape (B, C, K, H_out, W_out)."""
+    import reference
+
+    x, offset, mask = _float64((problem.x, problem.offset, problem.mask))
+    return reference.im2col(x, offset, mask, *problem.spec.kernel, **problem.spec.kwargs)
+
+
+def _float64(arrays):
+    return tuple(None if a is None else np.asarray(a, dtype=np.float64) for a in arrays)
+
+
+def assert_close(actual, expected, dtype_name: str = "float64", what: str = "result") -> None:
+    """Assert ``relative_error(actual, expected) <= TOLERANCE[dtype_name]`` (NaN never passes).
+
+    Parameters
+    ----------
+    actual, expected : array_like
+        Same shape (checked by :func:`relative_error`).
+    dtype_name : str
+        Key of :data:`TOLERANCE`.
+    what : str
+        Named in the failure message.
+    """
+    err = relative_error(actual, expected)
+    assert err <= TOLERANCE[dtype_name], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype_name]:g} ({dtype_name})"
+
+
+def assert_gradients_match(actual: dict, expected: dict, dtype_name: str = "float64") -> None:
+    """Compare every gradient of ``actual`` with ``expected``; both must agree on which are None."""
+    for name in GRADIENT_NAMES:
+        assert (actual[name] is None) == (expected[name] is None), f"grad_{name}: presence differs"
+        if expected[name] is not None:
+            assert_close(actual[name], expected[name], dtype_name, f"grad_{name}")
+
+
+def nudge_offsets(offset: np.ndarray) -> np.ndarray:
+    """Move every sampling coordinate's fractional part into [0.1, 0.9].
+
+    The kernel's base positions are integers, so the fractional part of a
+    sampling coordinate is that of its offset.  Away from integer coordinates the
+    output is a smooth (bilinear) function of the offsets, including near the
+    -1 and H, W boundaries (which are integers too), so finite differences apply.
+    """
+    floor = np.floor(offset)
+    return floor + 0.1 + 0.8 * (offset - floor)
+
+
+# Named geometries the explicit (parametrized) tests run over: each stresses one
+# feature; all are tiny because the loop reference is slow.
+EXAMPLE_SPECS = {
+    "basic": Spec(),
+    "groups2": Spec(in_channels=4, out_channels=6, groups=2),
+    "offset_groups2": Spec(in_channels=4, offset_groups=2),
+    "groups2_offset_groups2": Spec(in_channels=4, out_channels=2, groups=2, offset_groups=2),
+    "groups4_offset_groups2": Spec(in_channels=4, out_channels=4, groups=4, offset_groups=2),
+    "stride2": Spec(height=7, width=6, stride=(2, 2)),
+    "stride_2x1": Spec(stride=(2, 1)),
+    "asymmetric_padding": Spec(padding=(0, 2, 1, 0)),
+    "padding_hw": Spec(padding=(2, 0)),
+    "no_padding": Spec(padding=(0, 0, 0, 0)),
+    "dilation": Spec(height=7, width=7, dilation=(2, 1), padding=(2, 1, 2, 1)),
+    "kernel_1x3": Spec(kernel=(1, 3), padding=(0, 1, 0, 1)),
+    "kernel_3x2": Spec(kernel=(3, 2), dilation=(1, 2), padding=(1, 0, 2, 1)),
+    "kernel_1x1": Spec(kernel=(1, 1), padding=(0, 0, 0, 0)),
+    "no_mask": Spec(mask=False),
+    "no_bias": Spec(bias=False),
+    "no_mask_no_bias": Spec(mask=False, bias=False, groups=2, in_channels=4, out_channels=2),
+    "height1": Spec(height=1, width=5),
+    "width1": Spec(height=5, width=1),
+    "pixel1": Spec(batch=1, height=1, width=1, kernel=(1, 1), padding=(0, 0, 0, 0)),
+    "pixel1_padded": Spec(height=1, width=1),
+    "batch0": Spec(batch=0),
+    "batch33": Spec(batch=33, in_channels=2, out_channels=2, height=2, width=3, kernel=(2, 2),
+                    padding=(1, 0, 0, 1), offset_groups=2),
+}
