@@ -101,7 +101,7 @@ class Tile:
 
 
 def plan_tiles(batch: int, out_h: int, out_w: int, bytes_per_pixel: int, bytes_per_image: int,
-               limit: int | None = None) -> List[Tile]:
+               limit: int | None = None, min_tiles: int = 1) -> List[Tile]:
     """Split ``batch`` images of ``out_h x out_w`` output pixels into tiles under the workspace limit.
 
     Parameters
@@ -114,18 +114,24 @@ def plan_tiles(batch: int, out_h: int, out_w: int, bytes_per_pixel: int, bytes_p
         Scratch bytes one input image needs whatever the number of its output rows in the tile
         (a channels-last copy of it, for example).
     limit : int, optional
-        Defaults to :func:`get_workspace_limit`.
+        Bytes one tile may use; defaults to :func:`get_workspace_limit`.
+    min_tiles : int, optional
+        Split further, where the shape allows, so that there are at least this many tiles
+        (one per worker thread): first by images, then by bands of rows.
 
     Returns
     -------
     list of Tile
-        Whole images where at least one fits, otherwise bands of rows of single images.
+        Groups of whole images where a whole image fits, otherwise bands of rows of
+        single images; in batch-major, row-minor order, covering every output row once.
     """
     limit = get_workspace_limit() if limit is None else limit
     image_bytes = bytes_per_image + bytes_per_pixel * out_h * out_w
-    if image_bytes <= limit:
-        per_tile = max(1, limit // max(image_bytes, 1))
+    if image_bytes <= limit and batch >= min_tiles:
+        per_tile = max(1, min(limit // max(image_bytes, 1), -(-batch // min_tiles)))
         return [Tile(b, min(b + per_tile, batch), 0, out_h) for b in range(0, batch, per_tile)]
     row_bytes = bytes_per_pixel * out_w
     rows = max(1, (limit - bytes_per_image) // max(row_bytes, 1)) if limit > bytes_per_image else 1
+    bands_wanted = -(-min_tiles // max(batch, 1))
+    rows = max(1, min(rows, -(-out_h // bands_wanted)))
     return [Tile(b, b + 1, r, min(r + rows, out_h)) for b in range(batch) for r in range(0, out_h, rows)]

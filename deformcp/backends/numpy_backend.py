@@ -23,20 +23,25 @@ branch is needed per corner.  Work is tiled under the workspace limit
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import Callable, Deque, Iterator, List, Optional
 
 import numpy as np
 import scipy.sparse
 
 from ..dtypes import compute_dtype
 from ..geometry import ConvGeometry
-from ..workspace import Tile, plan_tiles
+from ..workspace import Tile, get_workspace_limit, plan_tiles
 
 __all__ = ["forward", "backward", "im2col"]
 
 _ALL_GRADIENTS = frozenset({"x", "offset", "mask", "weight", "bias"})
+_CORNER_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -146,126 +151,170 @@ def _sampling_plan(geom: ConvGeometry, tile: Tile, offset: np.ndarray, mask: Opt
                         images * (pixels + 1))
 
 
-class _Tiler:
-    """Shared per-call state: geometry, dtypes, channels-last inputs per tile, reshaped weights."""
+class _Call:
+    """State shared by the tiles of one call: geometry, dtypes, the weight as per-group matrices."""
 
     def __init__(self, geom: ConvGeometry, dtype, weight: Optional[np.ndarray]):
         self.geom = geom
         self.dtype = np.dtype(dtype)
         self.cdt = compute_dtype(dtype)
         self.pixels = geom.height * geom.width
-        # scipy picks 32-bit indices when they fit; we choose the same up front.
+        # scipy's sparse products are fastest with 32-bit indices; 64-bit only when a count needs it.
         self.index_dtype = np.int32
-        self._cached_batch = None
-        self._cached_input = None
         if weight is not None:
-            g = geom.groups
-            # weight[o, c, i, j] -> per group (C_out/g, K*C/g) with columns ordered (k, c)
+            # weight[o, c, i, j] -> per group (C_out/g, K*C/g), columns ordered (k, c) like the columns
             self.wmat = (weight.astype(self.cdt, copy=False).transpose(0, 2, 3, 1)
-                         .reshape(g, geom.out_channels_per_group, geom.kernel_points * geom.channels_per_group))
+                         .reshape(geom.groups, geom.out_channels_per_group,
+                                  geom.kernel_points * geom.channels_per_group))
 
-    def tiles(self, bytes_per_pixel: int, bytes_per_image: int):
-        tiles = plan_tiles(self.geom.batch, self.geom.out_h, self.geom.out_w, bytes_per_pixel, bytes_per_image)
+    def tiles(self, backward: bool) -> List[Tile]:
+        """Tiles under the workspace limit shared among the worker threads, at least one per worker."""
+        geom, s = self.geom, self.cdt.itemsize
+        k, c, cout = geom.kernel_points, geom.in_channels, geom.out_channels
+        # indices, weights, fractions and their temporaries; columns and a per-group copy; the output
+        per_pixel = k * geom.offset_groups * (8 * 8 + 8 * s) + 2 * k * c * s + 2 * cout * s
+        per_image = (self.pixels + 1) * c * s
+        if backward:  # gradient columns and gathered corners; the input gradient
+            per_pixel += 3 * k * c * s + cout * s
+            per_image *= 2
+        workers = _workers()
+        tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, per_pixel, per_image,
+                           limit=max(1, get_workspace_limit() // workers), min_tiles=workers)
         limit = np.iinfo(np.int32).max
-        for t in tiles:
-            n = t.images * t.out_rows * self.geom.out_w * self.geom.kernel_points * 4
-            if n >= limit or t.images * (self.pixels + 1) >= limit:
-                self.index_dtype = np.int64
+        if any(t.images * t.out_rows * geom.out_w * k * 4 >= limit or t.images * (self.pixels + 1) >= limit
+               for t in tiles):
+            self.index_dtype = np.int64
         return tiles
 
     def channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
         """The tile's images as ``(G, images * (H*W + 1), C/G)``; the last pixel of each image is zero."""
-        if self._cached_batch != (tile.batch_start, tile.batch_stop):
-            g, geom = self.geom.offset_groups, self.geom
-            cg = geom.channels_per_offset_group
-            out = np.empty((g, tile.images, self.pixels + 1, cg), dtype=self.cdt)
-            out[:, :, self.pixels] = 0
-            out[:, :, :self.pixels] = x[tile.batch].reshape(tile.images, g, cg, self.pixels).transpose(1, 0, 3, 2)
-            self._cached_batch = (tile.batch_start, tile.batch_stop)
-            self._cached_input = out.reshape(g, tile.images * (self.pixels + 1), cg)
-        return self._cached_input
+        geom = self.geom
+        g, cg = geom.offset_groups, geom.channels_per_offset_group
+        out = np.empty((g, tile.images, self.pixels + 1, cg), dtype=self.cdt)
+        out[:, :, self.pixels] = 0
+        out[:, :, :self.pixels] = x[tile.batch].reshape(tile.images, g, cg, self.pixels).transpose(1, 0, 3, 2)
+        return out.reshape(g, tile.images * (self.pixels + 1), cg)
 
-    def plans(self, tile: Tile, offset: np.ndarray, mask: Optional[np.ndarray]):
+    def plans(self, tile: Tile, offset: np.ndarray, mask: Optional[np.ndarray]) -> List[SamplingPlan]:
         off = offset[tile.batch, :, tile.rows]
         msk = None if mask is None else mask[tile.batch, :, tile.rows]
         return [_sampling_plan(self.geom, tile, off, msk, g, self.cdt, self.index_dtype)
                 for g in range(self.geom.offset_groups)]
 
-    def columns(self, xl: np.ndarray, plans, tile: Tile) -> np.ndarray:
-        """Deformable im2col of the tile as ``(samples_per_kernel_point, K, C)``, i.e. rows (b, r, c)."""
+    def columns(self, xl: np.ndarray, plans: List[SamplingPlan], tile: Tile) -> np.ndarray:
+        """Deformable im2col of the tile as ``(pixels, K, C)``, pixels ordered (image, row, column)."""
         geom = self.geom
         npix = tile.images * tile.out_rows * geom.out_w
         if geom.offset_groups == 1:
-            cols = plans[0].operator @ xl[0]
-            return cols.reshape(npix, geom.kernel_points, geom.in_channels)
+            return (plans[0].operator @ xl[0]).reshape(npix, geom.kernel_points, geom.in_channels)
         cols = np.empty((npix, geom.kernel_points, geom.in_channels), dtype=self.cdt)
         cg = geom.channels_per_offset_group
         for g, plan in enumerate(plans):
-            part = plan.operator @ xl[g]
-            cols[:, :, g * cg:(g + 1) * cg] = part.reshape(npix, geom.kernel_points, cg)
+            cols[:, :, g * cg:(g + 1) * cg] = (plan.operator @ xl[g]).reshape(npix, geom.kernel_points, cg)
         return cols
 
-    def per_group(self, cols: np.ndarray) -> np.ndarray:
-        """``(npix, K, C)`` -> ``(groups, npix, K*C/groups)``, matching :attr:`wmat`'s columns."""
+    def per_group(self, cols: np.ndarray, tile: Tile) -> np.ndarray:
+        """``(pixels, K, C)`` -> ``(groups, images, pixels per image, K*C/groups)``, :attr:`wmat`'s columns."""
         geom = self.geom
-        npix = cols.shape[0]
+        shape = (geom.groups, tile.images, tile.out_rows * geom.out_w, geom.kernel_points * geom.channels_per_group)
         if geom.groups == 1:
-            return cols.reshape(1, npix, -1)
-        cc = geom.channels_per_group
-        split = cols.reshape(npix, geom.kernel_points, geom.groups, cc).transpose(2, 0, 1, 3)
-        return np.ascontiguousarray(split).reshape(geom.groups, npix, geom.kernel_points * cc)
+            return cols.reshape(shape)
+        split = cols.reshape(-1, geom.kernel_points, geom.groups, geom.channels_per_group).transpose(2, 0, 1, 3)
+        return np.ascontiguousarray(split).reshape(shape)
 
     def from_groups(self, grouped: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`per_group`: ``(groups, npix, K*C/groups)`` -> ``(npix, K, C)``."""
+        """Inverse of :meth:`per_group`: ``(images, groups, pixels per image, K*C/groups)`` -> ``(pixels, K, C)``."""
         geom = self.geom
-        npix = grouped.shape[1]
+        k, cc = geom.kernel_points, geom.channels_per_group
         if geom.groups == 1:
-            return grouped.reshape(npix, geom.kernel_points, geom.in_channels)
-        split = grouped.reshape(geom.groups, npix, geom.kernel_points, geom.channels_per_group)
-        return np.ascontiguousarray(split.transpose(1, 2, 0, 3)).reshape(npix, geom.kernel_points, geom.in_channels)
+            return grouped.reshape(-1, k, geom.in_channels)
+        split = grouped.reshape(grouped.shape[0], geom.groups, -1, k, cc).transpose(0, 2, 3, 1, 4)
+        return np.ascontiguousarray(split).reshape(-1, k, geom.in_channels)
 
 
-def _bytes_per_pixel(geom: ConvGeometry, cdt: np.dtype, backward: bool) -> int:
-    s = cdt.itemsize
-    k, c = geom.kernel_points, geom.in_channels
-    plan = k * geom.offset_groups * (4 * 8 + 4 * s + 4 * s + 4 * 8)  # indices, weights, fractions, temporaries
-    forward = 2 * k * c * s + 2 * geom.out_channels * s  # columns (and their per-group copy), output
-    if not backward:
-        return plan + forward
-    return plan + forward + 3 * k * c * s + geom.out_channels * s  # grad columns, gathered corners
+def _tile_view(array: np.ndarray, tile: Tile, groups: int) -> np.ndarray:
+    """``array[tile.batch, :, tile.rows]`` of an NCHW array as ``(images, groups, C/groups, rows*W)``, a view."""
+    view = array[tile.batch, :, tile.rows]
+    # Assigning .shape (unlike reshape) raises instead of silently copying.
+    view.shape = (tile.images, groups, view.shape[1] // groups, tile.out_rows * array.shape[3])
+    return view
+
+
+def _workers() -> int:
+    """Threads the CPU backend runs tiles on: ``DEFORMCP_NUM_THREADS``, else the CPUs this process may use."""
+    env = os.environ.get("DEFORMCP_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_pool_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _map_tiles(fn: Callable[[Tile], object], tiles: List[Tile]) -> Iterator[object]:
+    """``fn(tile)`` for every tile on the worker threads, yielded in tile order.
+
+    The sparse products, BLAS and NumPy's large element-wise loops release the GIL,
+    so tiles run concurrently.  At most one tile per worker is in flight, which keeps
+    the scratch space under the workspace limit; yielding in order keeps the sums over
+    tiles in a fixed order, so results do not depend on thread timing.
+    """
+    global _pool
+    workers = _workers()
+    if workers == 1 or len(tiles) == 1:
+        yield from map(fn, tiles)
+        return
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deformcp")
+        pool = _pool
+    pending: Deque = deque()
+    for tile in tiles:
+        pending.append(pool.submit(fn, tile))
+        if len(pending) >= workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def forward(geom: ConvGeometry, x, offset, mask, weight, bias) -> np.ndarray:
     """Deformable convolution on NumPy arrays; see :func:`deformcp.deform_conv2d`."""
-    tiler = _Tiler(geom, x.dtype, weight)
+    call = _Call(geom, x.dtype, weight)
     out = np.empty(geom.out_shape, dtype=x.dtype)
-    s = tiler.cdt.itemsize
-    tiles = tiler.tiles(_bytes_per_pixel(geom, tiler.cdt, False), (tiler.pixels + 1) * geom.in_channels * s)
-    bias_c = None if bias is None else bias.astype(tiler.cdt, copy=False)
-    for tile in tiles:
-        xl = tiler.channels_last(x, tile)
-        plans = tiler.plans(tile, offset, mask)
-        cols = tiler.per_group(tiler.columns(xl, plans, tile))
-        y = np.matmul(cols, tiler.wmat.transpose(0, 2, 1))  # (groups, npix, C_out/groups)
-        y = y.transpose(1, 0, 2).reshape(tile.images, tile.out_rows, geom.out_w, geom.out_channels)
+    bias_c = None if bias is None else bias.astype(call.cdt, copy=False).reshape(
+        geom.groups, geom.out_channels_per_group, 1)
+    direct = call.cdt == out.dtype
+
+    def run(tile: Tile) -> None:
+        cols = call.per_group(call.columns(call.channels_last(x, tile), call.plans(tile, offset, mask), tile), tile)
+        # (groups, Cout/g, K*C/g) @ (images, groups, K*C/g, pixels) -> (images, groups, Cout/g, pixels):
+        # BLAS reads the transposed columns in place and writes NCHW directly.
+        target = _tile_view(out, tile, geom.groups)
+        y = np.matmul(call.wmat, cols.transpose(1, 0, 3, 2), out=target if direct else None)
         if bias_c is not None:
-            y = y + bias_c
-        out[tile.batch, :, tile.rows] = y.transpose(0, 3, 1, 2)
+            y += bias_c
+        if not direct:
+            target[...] = y
+
+    for _ in _map_tiles(run, call.tiles(backward=False)):
+        pass
     return out
 
 
 def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
     """Deformable im2col on NumPy arrays; see :func:`deformcp.deform_im2col`."""
-    tiler = _Tiler(geom, x.dtype, None)
+    call = _Call(geom, x.dtype, None)
     k = geom.kernel_points
     out = np.empty((geom.batch, geom.in_channels, k, geom.out_h, geom.out_w), dtype=x.dtype)
-    s = tiler.cdt.itemsize
-    tiles = tiler.tiles(_bytes_per_pixel(geom, tiler.cdt, False), (tiler.pixels + 1) * geom.in_channels * s)
-    for tile in tiles:
-        xl = tiler.channels_last(x, tile)
-        cols = tiler.columns(xl, tiler.plans(tile, offset, mask), tile)
+
+    def run(tile: Tile) -> None:
+        cols = call.columns(call.channels_last(x, tile), call.plans(tile, offset, mask), tile)
         cols = cols.reshape(tile.images, tile.out_rows, geom.out_w, k, geom.in_channels)
         out[tile.batch, :, :, tile.rows] = cols.transpose(0, 4, 3, 1, 2)
+
+    for _ in _map_tiles(run, call.tiles(backward=False)):
+        pass
     return out.reshape(geom.columns_shape)
 
 
@@ -274,59 +323,62 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt=_ALL_GRA
 
     Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
     """
-    tiler = _Tiler(geom, x.dtype, weight)
-    cdt = tiler.cdt
+    call = _Call(geom, x.dtype, weight)
+    cdt = call.cdt
     k, cg = geom.kernel_points, geom.channels_per_offset_group
     need_cols_grad = bool(wrt & {"x", "offset", "mask"})
-    need_coord = bool(wrt & {"offset", "mask"})
     grads = {}
-    if "x" in wrt:
-        grads["x"] = np.zeros(geom.x_shape, dtype=cdt)
     if "offset" in wrt:
         grads["offset"] = np.empty(geom.offset_shape, dtype=x.dtype)
     if "mask" in wrt and mask is not None:
         grads["mask"] = np.empty(geom.mask_shape, dtype=x.dtype)
-    if "weight" in wrt:
-        gw = np.zeros_like(tiler.wmat)
     if "bias" in wrt:
         grads["bias"] = grad_out.astype(cdt, copy=False).sum(axis=(0, 2, 3)).astype(x.dtype)
     if not (need_cols_grad or "weight" in wrt):
         return grads
+    grad_out_c = grad_out.astype(cdt, copy=False)
 
-    s = cdt.itemsize
-    tiles = tiler.tiles(_bytes_per_pixel(geom, cdt, True), 2 * (tiler.pixels + 1) * geom.in_channels * s)
-    for tile in tiles:
-        npix = tile.images * tile.out_rows * geom.out_w
-        go = (grad_out[tile.batch, :, tile.rows].transpose(0, 2, 3, 1).astype(cdt, copy=False)
-              .reshape(npix, geom.groups, geom.out_channels_per_group).transpose(1, 0, 2))
-        xl = tiler.channels_last(x, tile)
-        plans = tiler.plans(tile, offset, mask)
+    def run(tile: Tile):
+        # (images, groups, Cout/g, pixels), a view of grad_out
+        go = _tile_view(grad_out_c, tile, geom.groups)
+        xl = call.channels_last(x, tile)
+        plans = call.plans(tile, offset, mask)
+        gw = gx = None
         if "weight" in wrt:
-            cols = tiler.per_group(tiler.columns(xl, plans, tile))
-            gw += np.matmul(go.transpose(0, 2, 1), cols)
+            cols = call.per_group(call.columns(xl, plans, tile), tile)
+            gw = np.matmul(go, cols.transpose(1, 0, 2, 3)).sum(axis=0)
             del cols
         if not need_cols_grad:
-            continue
-        grad_cols = tiler.from_groups(np.matmul(go, tiler.wmat))  # (npix, K, C)
-        gxl = np.zeros_like(xl) if "x" in wrt else None
+            return tile, gx, gw
+        # (images, groups, pixels, Cout/g) @ (groups, Cout/g, K*C/g) -> gradient columns (pixels, K, C)
+        grad_cols = call.from_groups(np.matmul(go.transpose(0, 1, 3, 2), call.wmat))
+        npix = grad_cols.shape[0]
+        if "x" in wrt:
+            gx = np.empty_like(xl)
         for g, plan in enumerate(plans):
             gcols = grad_cols[:, :, g * cg:(g + 1) * cg].reshape(npix * k, cg)
             if geom.offset_groups > 1:
                 gcols = np.ascontiguousarray(gcols)
-            if gxl is not None:
-                gxl[g] = plan.operator.T @ gcols
-            if need_coord:
+            if gx is not None:
+                gx[g] = plan.operator.T @ gcols
+            if wrt & {"offset", "mask"}:
                 _coordinate_gradients(geom, tile, plan, xl[g], gcols, g, grads)
-        if gxl is not None:
-            pixels = tiler.pixels
-            part = gxl.reshape(geom.offset_groups, tile.images, pixels + 1, cg)[:, :, :pixels]
-            grads["x"][tile.batch] += part.transpose(1, 0, 3, 2).reshape(
-                tile.images, geom.in_channels, geom.height, geom.width)
+        return tile, gx, gw
 
-    if "x" in grads:
-        grads["x"] = grads["x"].astype(x.dtype, copy=False)
-    if "weight" in wrt:
-        grads["weight"] = (gw.reshape(geom.out_channels, geom.kernel_h, geom.kernel_w, geom.channels_per_group)
+    grad_x = np.zeros(geom.x_shape, dtype=cdt) if "x" in wrt else None
+    grad_w = np.zeros_like(call.wmat) if "weight" in wrt else None
+    pixels = call.pixels
+    for tile, gx, gw in _map_tiles(run, call.tiles(backward=True)):
+        if gw is not None:
+            grad_w += gw
+        if gx is not None:
+            part = gx.reshape(geom.offset_groups, tile.images, pixels + 1, cg)[:, :, :pixels]
+            grad_x[tile.batch] += part.transpose(1, 0, 3, 2).reshape(
+                tile.images, geom.in_channels, geom.height, geom.width)
+    if grad_x is not None:
+        grads["x"] = grad_x.astype(x.dtype, copy=False)
+    if grad_w is not None:
+        grads["weight"] = (grad_w.reshape(geom.out_channels, geom.kernel_h, geom.kernel_w, geom.channels_per_group)
                            .transpose(0, 3, 1, 2).astype(x.dtype))
     return grads
 
@@ -340,9 +392,13 @@ def _coordinate_gradients(geom: ConvGeometry, tile: Tile, plan: SamplingPlan, xg
     is non-zero exactly on the lines ``py = -1`` and ``px = -1``), as torchvision does.
     """
     k = geom.kernel_points
-    s = np.empty((gcols.shape[0], 4), dtype=gcols.dtype)
-    for q in range(4):
-        s[:, q] = np.einsum("nc,nc->n", xg[plan.corner_index[:, q]], gcols)
+    n = gcols.shape[0]
+    s = np.empty((n, 4), dtype=gcols.dtype)
+    # Blocks small enough that the gathered corners are still in cache when they are reduced.
+    block = max(1, _CORNER_BLOCK_BYTES // (4 * xg.shape[1] * xg.itemsize))
+    for start in range(0, n, block):
+        rows_ = slice(start, min(start + block, n))
+        np.einsum("nqc,nc->nq", xg[plan.corner_index[rows_]], gcols[rows_], out=s[rows_])
     shape = (tile.images, tile.out_rows, geom.out_w, k)
     rows = tile.rows
     if "offset" in grads:
