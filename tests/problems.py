@@ -161,7 +161,8 @@ def run_im2col(problem: Problem, **kwargs):
     cols = deformcp.deform_im2col(problem.x, problem.offset, problem.mask, problem.spec.kernel,
                                   **{**problem.spec.kwargs, **kwargs})
     b, c = problem.x.shape[:2]
-    return cols.reshape(b, c, -1, *problem.spec.out_size)
+    kh, kw = problem.spec.kernel
+    return cols.reshape(b, c, kh * kw, *problem.spec.out_size)
 
 
 # The loop reference is imported lazily so that this module stays importable on its own.
