@@ -1,0 +1,68 @@
+// Stage 3, the gradients with respect to offset and mask.
+//
+// One thread per sample (image of the tile, offset group, kernel point, tile
+// pixel); it sums over the group's channels, for each of the four corners,
+// s[q] = sum_c grad_column[c] * input[c, corner q], then
+//   d/dy    = mask * ((1 - lx) (s2 - s0) + lx (s3 - s1))
+//   d/dx    = mask * ((1 - ly) (s1 - s0) + ly (s3 - s2))
+//   d/dmask = sum_q bilinear_weight[q] * s[q]   (weights 0 for an outside sample)
+// The coordinate derivative has no early exit: corners inside the image count
+// even when the sample itself is outside, so it is non-zero on the lines
+// y = -1 and x = -1, torchvision's rule.  Each output element is written once.
+#include "deform_common.cuh"
+
+template <typename scalar_t, typename index_t>
+__global__ void deform_col2im_coord_kernel(index_t n, const dcn::acc_t<scalar_t>* __restrict__ grad_columns,
+                                           const scalar_t* __restrict__ input,
+                                           const scalar_t* __restrict__ offset,
+                                           const scalar_t* __restrict__ mask, index_t has_mask,
+                                           scalar_t* __restrict__ grad_offset, index_t want_offset,
+                                           scalar_t* __restrict__ grad_mask, index_t want_mask,
+                                           DCN_GEOMETRY_PARAMS(index_t)) {
+    using acc = dcn::acc_t<scalar_t>;
+    const dcn::Geometry<index_t> g = DCN_GEOMETRY(index_t);
+    const index_t tile_pixels = g.tile_pixels();
+    const index_t points = g.kernel_points();
+    const index_t per_group = g.channels_per_offset_group();
+    DCN_GRID_STRIDE_LOOP(index_t, idx, n) {
+        const index_t p = idx % tile_pixels;
+        const index_t k = (idx / tile_pixels) % points;
+        const index_t group = (idx / (tile_pixels * points)) % g.offset_groups;
+        const index_t image = idx / (tile_pixels * points * g.offset_groups);
+        const index_t b = g.batch_start + image;
+        const index_t oy = g.row_start + p / g.out_w;
+        const index_t ox = p % g.out_w;
+        const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, b, group, k, oy, ox);
+        const dcn::Cell<acc, index_t> cell(s.y, s.x, g.height, g.width);
+
+        acc sum[4] = {acc(0), acc(0), acc(0), acc(0)};
+        for (index_t cc = 0; cc < per_group; ++cc) {
+            const index_t c = group * per_group + cc;
+            const acc grad = grad_columns[image * g.col_batch_stride + (c * points + k) * g.col_row_stride + p];
+            const scalar_t* plane = input + (b * g.channels + c) * g.height * g.width;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (cell.inside[q]) sum[q] += dcn::load(plane + cell.index[q]) * grad;
+            }
+        }
+
+        if (want_offset) {
+            const acc d_y = (acc(1) - cell.lx) * (sum[2] - sum[0]) + cell.lx * (sum[3] - sum[1]);
+            const acc d_x = (acc(1) - cell.ly) * (sum[1] - sum[0]) + cell.ly * (sum[3] - sum[2]);
+            dcn::store(grad_offset + s.offset_at, s.mask * d_y);
+            dcn::store(grad_offset + s.offset_at + g.out_pixels(), s.mask * d_x);
+        }
+        if (want_mask) {
+            // Multiplying by the inside flag (not skipping) keeps a NaN position NaN;
+            // an outside sample has weight 0, which a NaN pixel it touches still poisons.
+            const bool out = dcn::outside(s.y, s.x, g.height, g.width);
+            acc d_mask = 0;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const acc w = out ? acc(0) : cell.weight(q) * acc(cell.inside[q] ? 1 : 0);
+                d_mask += w * sum[q];
+            }
+            dcn::store(grad_mask + s.mask_at, d_mask);
+        }
+    }
+}

@@ -1,0 +1,35 @@
+// Stage 1, forward sampling: the deformable im2col, mask applied.
+//
+// One thread per (image of the tile, input channel, tile pixel); it writes the
+// kh*kw samples of that channel at that pixel to rows c*K .. c*K + K-1 of the
+// column matrix (see DCN_GEOMETRY_PARAMS for the layout).  The columns are
+// stored in acc_t: a convolution multiplies them by the weight before any
+// rounding to a half type.
+#include "deform_common.cuh"
+
+template <typename scalar_t, typename index_t>
+__global__ void deform_im2col_kernel(index_t n, const scalar_t* __restrict__ input,
+                                     const scalar_t* __restrict__ offset,
+                                     const scalar_t* __restrict__ mask, index_t has_mask,
+                                     dcn::acc_t<scalar_t>* __restrict__ columns,
+                                     DCN_GEOMETRY_PARAMS(index_t)) {
+    const dcn::Geometry<index_t> g = DCN_GEOMETRY(index_t);
+    const index_t tile_pixels = g.tile_pixels();
+    const index_t points = g.kernel_points();
+    DCN_GRID_STRIDE_LOOP(index_t, idx, n) {
+        const index_t p = idx % tile_pixels;
+        const index_t c = (idx / tile_pixels) % g.channels;
+        const index_t image = idx / (tile_pixels * g.channels);
+        const index_t b = g.batch_start + image;
+        const index_t oy = g.row_start + p / g.out_w;
+        const index_t ox = p % g.out_w;
+        const index_t group = c / g.channels_per_offset_group();
+        const scalar_t* plane = input + (b * g.channels + c) * g.height * g.width;
+        dcn::acc_t<scalar_t>* out = columns + image * g.col_batch_stride + c * points * g.col_row_stride + p;
+        for (index_t k = 0; k < points; ++k) {
+            const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, b, group, k, oy, ox);
+            // A NaN mask poisons even an outside sample (mask * 0), as in torchvision.
+            out[k * g.col_row_stride] = s.mask * dcn::bilinear(plane, g.height, g.width, s.y, s.x);
+        }
+    }
+}
