@@ -1,13 +1,16 @@
 """The public functions: validate once, pick a backend, run it.
 
-Data flows one way: user arrays -> validation into a :class:`~deformcp.geometry.ConvGeometry`
--> backend -> result of the caller's array type.
+Data flows one way: the caller's arrays -> :mod:`~deformcp.interop` (NumPy or CuPy views,
+remembering the caller's array type and device) -> validation into a
+:class:`~deformcp.geometry.ConvGeometry` -> backend -> :mod:`~deformcp.interop` (the result
+as the caller's array type, on the caller's device).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Optional
 
+from . import interop
 from .backends import backend_for
 from .dtypes import common_dtype
 from .geometry import IntPair, Padding, conv_geometry, im2col_geometry
@@ -88,11 +91,13 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     >>> deformcp.deform_conv2d(x, offset, None, w, padding=1).shape
     (1, 6, 8, 8)
     """
-    backend = backend_for(dict(x=x, offset=offset, mask=mask, weight=weight, bias=bias))
-    common_dtype(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
-    geom = conv_geometry(_shape(x), _shape(offset), _shape(mask), _shape(weight), _shape(bias),
-                         stride=stride, padding=padding, dilation=dilation)
-    return backend.forward(geom, x, offset, mask, weight, bias)
+    with interop.native(x=x, offset=offset, mask=mask, weight=weight, bias=bias) as call:
+        a = call.arrays
+        backend = backend_for(a)
+        common_dtype(**a)
+        geom = conv_geometry(*map(_shape, (a["x"], a["offset"], a["mask"], a["weight"], a["bias"])),
+                             stride=stride, padding=padding, dilation=dilation)
+        return call.back(backend.forward(geom, a["x"], a["offset"], a["mask"], a["weight"], a["bias"]))
 
 
 def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stride: IntPair = 1,
@@ -130,18 +135,20 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
     ``py = -1`` and ``px = -1`` (see ``docs/semantics.md``).
     """
     wanted = frozenset(_checked_wrt(wrt))
-    backend = backend_for(dict(grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, bias=bias))
-    common_dtype(grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, bias=bias)
-    geom = conv_geometry(_shape(x), _shape(offset), _shape(mask), _shape(weight), _shape(bias),
-                         stride=stride, padding=padding, dilation=dilation)
-    if _shape(grad_out) != geom.out_shape:
-        raise ValueError(f"grad_out must have the output's shape {geom.out_shape}, got {_shape(grad_out)}")
-    if mask is None:
-        wanted -= {"mask"}
-    if bias is None:
-        wanted -= {"bias"}
-    grads = backend.backward(geom, grad_out, x, offset, mask, weight, wanted)
-    return Gradients(*(grads.get(name) for name in GRADIENT_NAMES))
+    with interop.native(grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, bias=bias) as call:
+        a = call.arrays
+        backend = backend_for(a)
+        common_dtype(**a)
+        geom = conv_geometry(*map(_shape, (a["x"], a["offset"], a["mask"], a["weight"], a["bias"])),
+                             stride=stride, padding=padding, dilation=dilation)
+        if _shape(a["grad_out"]) != geom.out_shape:
+            raise ValueError(f"grad_out must have the output's shape {geom.out_shape}, got {_shape(a['grad_out'])}")
+        if mask is None:
+            wanted -= {"mask"}
+        if bias is None:
+            wanted -= {"bias"}
+        grads = backend.backward(geom, a["grad_out"], a["x"], a["offset"], a["mask"], a["weight"], wanted)
+        return Gradients(*(call.back(grads.get(name)) for name in GRADIENT_NAMES))
 
 
 def _checked_wrt(wrt) -> list:
@@ -176,8 +183,10 @@ def deform_im2col(x, offset, mask, kernel_size: IntPair, *, stride: IntPair = 1,
         ``(oy, ox)``.  With zero offsets and no mask it equals ``unfold``; for ``groups=1``,
         ``weight.reshape(C_out, -1) @ columns`` is the convolution.
     """
-    backend = backend_for(dict(x=x, offset=offset, mask=mask))
-    common_dtype(x=x, offset=offset, mask=mask)
-    geom = im2col_geometry(_shape(x), _shape(offset), _shape(mask), kernel_size,
-                           stride=stride, padding=padding, dilation=dilation)
-    return backend.im2col(geom, x, offset, mask)
+    with interop.native(x=x, offset=offset, mask=mask) as call:
+        a = call.arrays
+        backend = backend_for(a)
+        common_dtype(**a)
+        geom = im2col_geometry(_shape(a["x"]), _shape(a["offset"]), _shape(a["mask"]), kernel_size,
+                               stride=stride, padding=padding, dilation=dilation)
+        return call.back(backend.im2col(geom, a["x"], a["offset"], a["mask"]))

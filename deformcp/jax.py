@@ -1,0 +1,219 @@
+"""JAX adapter: :func:`deform_conv2d` with a custom VJP, under ``jit``, ``grad`` and ``vmap``.
+
+Where the work runs
+-------------------
+* CPU (and any platform other than CUDA): a host callback, :func:`jax.pure_callback`,
+  calls the NumPy/SciPy backend on the host copies of the operands.
+* CUDA, with CuPy installed: :func:`jax.experimental.buffer_callback.buffer_callback`
+  hands the callback JAX's device buffers and XLA's stream; the CuPy kernels read
+  them in place and run on that stream, and the result is copied into JAX's output
+  buffer on the device.  No host round trip.  Without CuPy, or for bfloat16 (which
+  CuPy cannot wrap from a raw device buffer), CUDA falls back to the host callback.
+
+Under :func:`jax.vmap` the callbacks receive the mapped axes in front
+(``vmap_method="expand_dims"``).  When the weight and bias are shared by all
+mapped examples, the mapped axes are folded into the batch and the backend runs
+once; otherwise (a mapped weight, or per-example weight gradients, which is what
+``vmap`` of a backward pass asks for) it runs once per mapped example.
+
+Only the gradients JAX needs are computed (``symbolic_zeros``): for instance
+``jax.grad`` with respect to the weight alone skips the input and offset gradients.
+Higher-order derivatives are not supported.
+
+Examples
+--------
+>>> import jax, jax.numpy as jnp, deformcp.jax as dj
+>>> k = jax.random.split(jax.random.key(0), 3)
+>>> x = jax.random.normal(k[0], (1, 4, 8, 8))
+>>> offset = jax.random.normal(k[1], (1, 18, 8, 8))
+>>> weight = jax.random.normal(k[2], (6, 4, 3, 3))
+>>> loss = lambda w: dj.deform_conv2d(x, offset, None, w, padding=1).sum()
+>>> jax.jit(jax.grad(loss))(weight).shape
+(6, 4, 3, 3)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from . import api
+from .dtypes import common_dtype
+from .geometry import IntPair, Padding, conv_geometry, normalize_pair, normalize_padding
+
+__all__ = ["deform_conv2d"]
+
+_INPUTS = ("x", "offset", "mask", "weight", "bias")
+# Dimensions of each operand once vmap's leading axes are removed; all but weight and bias
+# start with the batch axis, into which mapped axes can be folded.
+_CORE_NDIM = {"grad_out": 4, "x": 4, "offset": 4, "mask": 4, "weight": 4, "bias": 1}
+_SHARED = ("weight", "bias")
+
+
+def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, padding: Padding = 0,
+                  dilation: IntPair = 1):
+    """Deformable 2-D convolution on JAX arrays, differentiable, and usable under ``jit`` and ``vmap``.
+
+    Parameters
+    ----------
+    x : jax.Array, shape (B, C, H, W)
+    offset : jax.Array, shape (B, 2*G*kh*kw, H_out, W_out)
+    mask : jax.Array, shape (B, G*kh*kw, H_out, W_out), or None
+        None means DCNv1 (a mask of ones).
+    weight : jax.Array, shape (C_out, C/groups, kh, kw)
+    bias : jax.Array, shape (C_out,), optional
+    stride, padding, dilation
+        As for :func:`deformcp.deform_conv2d`; they are static (Python ints).
+
+    Returns
+    -------
+    jax.Array, shape (B, C_out, H_out, W_out)
+        Of ``x``'s dtype.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`deformcp.deform_conv2d`, at trace time, naming the argument.
+
+    Notes
+    -----
+    float64 needs ``jax_enable_x64``, as everywhere in JAX.  The module docstring
+    says where the work runs on each platform.
+    """
+    arrays = {name: None if a is None else jnp.asarray(a) for name, a in zip(_INPUTS, (x, offset, mask, weight, bias))}
+    conv = (normalize_pair(stride, "stride"), normalize_padding(padding), normalize_pair(dilation, "dilation"))
+    common_dtype(**arrays)
+    _geometry(arrays, conv)
+    return _deform_conv2d(*arrays.values(), *conv)
+
+
+def _geometry(arrays: Dict[str, Optional[jax.Array]], conv):
+    stride, padding, dilation = conv
+    shapes = [None if arrays[n] is None else tuple(arrays[n].shape) for n in _INPUTS]
+    return conv_geometry(*shapes, stride=stride, padding=padding, dilation=dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation):
+    arrays = dict(zip(_INPUTS, (x, offset, mask, weight, bias)))
+    conv = (stride, padding, dilation)
+    out = jax.ShapeDtypeStruct(_geometry(arrays, conv).out_shape, x.dtype)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation)
+
+    def run(a):
+        return (api.deform_conv2d(a["x"], a["offset"], a["mask"], a["weight"], a["bias"], **kwargs),)
+
+    fold = lambda batched: not any(batched[n] for n in _SHARED)  # noqa: E731
+    (result,) = _call(run, fold, arrays, (out,))
+    return result
+
+
+def _forward(x, offset, mask, weight, bias, stride, padding, dilation):
+    values = [None if p is None else p.value for p in (x, offset, mask, weight, bias)]
+    # Which gradients are wanted travels as the keys of a dict in the residuals: pytree
+    # structure is static, so the backward pass sees plain Python values.
+    wanted = {name: None for name, p in zip(_INPUTS, (x, offset, mask, weight, bias)) if p is not None and p.perturbed}
+    return _deform_conv2d(*values, stride, padding, dilation), (values, wanted)
+
+
+def _backward(stride, padding, dilation, residuals, grad_out):
+    values, wanted = residuals
+    if isinstance(grad_out, SymbolicZero) or not wanted:
+        return (None,) * len(_INPUTS)
+    arrays = dict(grad_out=grad_out, **dict(zip(_INPUTS, values)))
+    names = tuple(wanted)
+    shapes = tuple(jax.ShapeDtypeStruct(arrays[n].shape, arrays[n].dtype) for n in names)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation)
+
+    def run(a):
+        grads = api.deform_conv2d_backward(a["grad_out"], a["x"], a["offset"], a["mask"], a["weight"], a["bias"],
+                                           wrt=names, **kwargs)
+        return tuple(getattr(grads, "grad_" + n) for n in names)
+
+    # Per-example weight or bias gradients cannot come out of one folded batch.
+    fold = lambda batched: not any(batched[n] for n in _SHARED) and not set(names) & set(_SHARED)  # noqa: E731
+    grads = dict(zip(names, _call(run, fold, arrays, shapes)))
+    return tuple(grads.get(n) for n in _INPUTS)
+
+
+_deform_conv2d.defvjp(_forward, _backward, symbolic_zeros=True)
+
+
+def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
+    """Run ``run`` (dict of backend arrays -> tuple of results) as a callback on ``arrays``' platform."""
+    names = tuple(n for n, a in arrays.items() if a is not None)
+    operands = tuple(arrays[n] for n in names)
+
+    def on_host(*host_arrays):
+        out = _unmapped(run, fold, dict(zip(names, host_arrays)), np)
+        return tuple(np.asarray(r) for r in out)
+
+    def host(*ops):
+        return jax.pure_callback(on_host, results, *ops, vmap_method="expand_dims")
+
+    if not _cupy_available() or any(np.dtype(r.dtype).name == "bfloat16" for r in results):
+        return host(*operands)
+
+    def on_device(ctx, outs, *buffers):
+        import cupy
+
+        with cupy.cuda.ExternalStream(ctx.stream):
+            device_arrays = [cupy.asarray(b) for b in buffers]
+            out = _unmapped(run, fold, dict(zip(names, device_arrays)), cupy)
+            for target, value in zip(outs, out):
+                cupy.asarray(target)[...] = value
+
+    from jax.experimental.buffer_callback import buffer_callback
+
+    device = buffer_callback(on_device, results, vmap_method="expand_dims")
+    return jax.lax.platform_dependent(*operands, cuda=lambda *ops: device(*ops), default=host)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or CuPy present without a usable CUDA runtime or driver
+        return False
+
+
+def _unmapped(run: Callable, fold: Callable, arrays: dict, xp) -> tuple:
+    """Evaluate ``run`` on arrays that carry ``vmap``'s leading axes in front of their own.
+
+    ``vmap_method="expand_dims"`` gives every operand the same number of leading axes,
+    of size 1 where that operand is not mapped; the results must have the full
+    leading shape.  ``fold(batched)`` says whether the leading axes may be folded
+    into the batch axis, given which operands are mapped.
+    """
+    leading = {n: a.shape[:a.ndim - _CORE_NDIM[n]] for n, a in arrays.items()}
+    lead = np.broadcast_shapes(*leading.values())
+    if not lead:
+        return run({**dict.fromkeys(_INPUTS), **arrays})
+    count = math.prod(lead)
+    if fold({n: math.prod(leading.get(n, ())) > 1 for n in _SHARED}):
+        folded = {n: _fold(a, lead, _CORE_NDIM[n], xp) if n not in _SHARED else a.reshape(a.shape[len(lead):])
+                  for n, a in arrays.items()}
+        return tuple(r.reshape(lead + (r.shape[0] // count,) + r.shape[1:])
+                     for r in run({**dict.fromkeys(_INPUTS), **folded}))
+    per_example = []
+    for index in np.ndindex(*lead):
+        # Index size-1 (unmapped) axes with 0, so those operands broadcast over the others.
+        picked = {n: a[tuple(i if s > 1 else 0 for i, s in zip(index, leading[n]))] for n, a in arrays.items()}
+        per_example.append(run({**dict.fromkeys(_INPUTS), **picked}))
+    return tuple(xp.stack([r[k] for r in per_example]).reshape(lead + per_example[0][k].shape)
+                 for k in range(len(per_example[0])))
+
+
+def _fold(array, lead, core_ndim: int, xp):
+    """``array`` with leading axes ``lead`` (broadcast from size 1 where unmapped) merged into its batch axis."""
+    core = array.shape[len(lead):]
+    full = xp.broadcast_to(array, lead + core)
+    return full.reshape((math.prod(lead) * core[0],) + core[1:])
