@@ -1,7 +1,7 @@
 // Device helpers shared by the three deformable-convolution stages.
 //
-// deformcp/backends/cuda_kernels.py pastes this file in place of the
-// `#include "deform_common.cuh"` line of each .cu file before compiling it, so
+// deformcp/backends/cuda_kernels.py pastes this file in place of the line
+// that includes it in each .cu file before compiling that file, so
 // that NVRTC (and CuPy's kernel cache, which hashes only the source string it
 // is given) sees one self-contained source.  The semantics are those of
 // docs/semantics.md; deformcp/backends/numpy_backend.py is the oracle.
