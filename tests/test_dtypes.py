@@ -1,0 +1,98 @@
+"""float16, bfloat16, float32 and float64: results in the input's dtype, within the per-dtype
+tolerance of the float64 reference on the same (rounded) inputs; halves computed in float32
+and rounded once."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import deformcp
+from problems import (GRADIENT_NAMES, TOLERANCE, Spec, assert_close, make_problem, reference_backward,
+                      reference_columns, reference_forward, run_backward, run_forward, run_im2col)
+
+DTYPES = [pytest.param(np.dtype(d), id=np.dtype(d).name)
+          for d in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)]
+HALVES = [p for p in DTYPES if p.values[0].itemsize == 2]
+
+SPECS = [pytest.param(s, id=n) for n, s in {
+    "basic": Spec(),
+    "groups": Spec(in_channels=4, out_channels=6, groups=2, offset_groups=2, stride=(2, 1), padding=(0, 1, 2, 1)),
+    "no_mask_no_bias": Spec(mask=False, bias=False, kernel=(2, 3), dilation=(2, 1)),
+}.items()]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_have_input_dtype_and_match_reference(dtype, spec, rng):
+    # make_problem draws in float64 and casts: the reference then reads the rounded inputs,
+    # so the comparison measures the computation's error, not the inputs' rounding.
+    problem = make_problem(spec, rng, dtype=dtype)
+    out = run_forward(problem)
+    assert out.dtype == dtype
+    assert_close(out, reference_forward(problem), dtype.name, "forward")
+    cols = run_im2col(problem)
+    assert cols.dtype == dtype
+    assert_close(cols, reference_columns(problem), dtype.name, "im2col")
+    grads, expected = run_backward(problem), reference_backward(problem)
+    for name in GRADIENT_NAMES:
+        if expected[name] is None:
+            assert grads[name] is None
+            continue
+        assert grads[name].dtype == dtype, f"grad_{name} has dtype {grads[name].dtype}"
+        assert_close(grads[name], expected[name], dtype.name, f"grad_{name}")
+
+
+def _ulp(values, dtype):
+    """The spacing of ``dtype`` at each value (the smallest normal's spacing below it)."""
+    info = ml_dtypes.finfo(dtype)
+    exponent = np.floor(np.log2(np.maximum(np.abs(values), float(info.smallest_normal))))
+    return 2.0 ** (exponent - info.nmant)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_halves_are_rounded_once(dtype, rng):
+    # Computed in float32 and rounded once, every result lies within one unit in the last
+    # place of the exact (float64 reference) value; half arithmetic all the way would be off
+    # by several units wherever 36 terms are accumulated.
+    problem = make_problem(Spec(in_channels=4, out_channels=3, height=5, width=5), rng, dtype=dtype)
+    results = {"forward": (run_forward(problem), reference_forward(problem)),
+               "im2col": (run_im2col(problem), reference_columns(problem))}
+    grads, expected = run_backward(problem), reference_backward(problem)
+    results.update({f"grad_{n}": (grads[n], expected[n]) for n in GRADIENT_NAMES})
+    for what, (actual, exact) in results.items():
+        actual = actual.astype(np.float64)
+        # float32's own rounding, relative to the largest value, is the only other error.
+        slack = 2.0 ** -20 * np.max(np.abs(exact))
+        excess = np.abs(actual - exact) - (_ulp(exact, dtype) + slack)
+        worst = np.unravel_index(np.argmax(excess), excess.shape)
+        assert excess[worst] <= 0, f"{what}{worst}: {actual[worst]!r} vs exact {exact[worst]!r}"
+
+
+def test_float16_accumulates_in_float32():
+    # 60000 + 60000 - 60000 - 59968 = 32: exact in float32, but the partial sum 120000
+    # overflows float16 (max 65504), so float16 accumulation would give inf or NaN.
+    x = np.array([60000.0, 60000.0, 60000.0, 59968.0], dtype=np.float16).reshape(1, 1, 1, 4)
+    weight = np.array([1.0, 1.0, -1.0, -1.0], dtype=np.float16).reshape(1, 1, 1, 4)
+    offset = np.zeros((1, 8, 1, 1), dtype=np.float16)
+    out = deformcp.deform_conv2d(x, offset, None, weight)
+    assert out.dtype == np.float16
+    assert out[0, 0, 0, 0] == 32.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_zero_keeps_dtype(dtype, rng):
+    problem = make_problem(Spec(batch=0), rng, dtype=dtype)
+    assert run_forward(problem).dtype == dtype
+    assert run_im2col(problem).dtype == dtype
+    for name, grad in run_backward(problem).items():
+        assert grad.dtype == dtype and grad.shape == getattr(problem, name).shape, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_none_and_bias_none_with_each_dtype(dtype, rng):
+    # Absent optional inputs must not take part in the dtype agreement.
+    problem = make_problem(Spec(mask=False, bias=False), rng, dtype=dtype)
+    assert run_forward(problem).dtype == dtype
+    assert_close(run_forward(problem), reference_forward(problem), dtype.name, "forward")
