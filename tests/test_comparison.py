@@ -1,0 +1,115 @@
+"""The side-by-side comparison (``python -m deformcp bench``) runs, its peers agree with deformcp, and it writes its files.
+
+This is also a cross-check of deformcp's semantics against independent
+implementations: ONNX Runtime's DeformConv, OpenVINO's DeformableConvolution and a
+grid_sample version by autograd, on a tiny shape that has groups, offset groups,
+stride, dilation and asymmetric padding.  The CPU peers are all installed in CI, so
+these tests skip only where one is really absent, with the reason printed.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from deformcp.comparison import cli
+from deformcp.comparison.agreement import compare_outputs, relative_error
+from deformcp.comparison.peers import peer_module
+from deformcp.comparison.runner import FORWARD, OUTPUT_NAMES, TRAINING
+from deformcp.comparison.shapes import TINY, make_inputs
+
+CPU_PEERS = [(name, task) for name in ("onnxruntime", "openvino", "grid_sample") for task in (FORWARD, TRAINING)
+             if task in peer_module(name).TASKS]
+
+
+def _require(name):
+    reason = peer_module(name).missing("cpu")
+    if reason:
+        pytest.skip(f"{name} is absent here: {reason}")
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs():
+    return make_inputs(TINY, seed=3)
+
+
+def _outputs(name, task, inputs):
+    runner = peer_module(name).prepare(task, TINY, inputs, "cpu")
+    return runner.fetch(runner())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_inputs):
+    return {task: _outputs("deformcp", task, tiny_inputs) for task in (FORWARD, TRAINING)}
+
+
+@pytest.mark.parametrize("name, task", CPU_PEERS)
+def test_peer_agrees_with_deformcp(name, task, tiny_inputs, reference):
+    _require(name)
+    agreements = compare_outputs(name, task, reference[task], _outputs(name, task, tiny_inputs))
+    assert [a.output for a in agreements] == list(OUTPUT_NAMES[task])
+    for agreement in agreements:
+        assert agreement.ok, f"{name} {task} {agreement.output}: {agreement.error:.3g} > {agreement.tolerance:.3g}"
+    # Far tighter than the tolerance: on a tiny shape only rounding separates them.
+    assert max(a.error for a in agreements) < 1e-5
+
+
+def test_a_semantic_difference_is_caught(tiny_inputs, reference):
+    """The check is not vacuous: shifting every offset by a fifth of a pixel is detected."""
+    shifted = make_inputs(TINY, seed=3)
+    shifted.offset[...] += 0.2
+    (agreement,) = compare_outputs("deformcp", FORWARD, reference[FORWARD], _outputs("deformcp", FORWARD, shifted))
+    assert not agreement.ok
+    assert relative_error(np.array([np.nan]), np.array([1.0])) == float("inf")
+
+
+def test_bench_runs_and_writes_json_and_png(tmp_path, capsys):
+    for name in ("onnxruntime", "openvino", "grid_sample"):
+        _require(name)
+    status = cli.main(["--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    record = json.loads((tmp_path / "comparison-cpu.json").read_text())
+    png = (tmp_path / "comparison-cpu.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+    cases = {(c["task"], c["shape"]): c for c in record["cases"]}
+    assert set(cases) == {(FORWARD, "tiny"), (TRAINING, "tiny")}
+    assert set(cases[FORWARD, "tiny"]["peers"]) == {"deformcp", "onnxruntime", "openvino", "grid_sample"}
+    assert set(cases[TRAINING, "tiny"]["peers"]) == {"deformcp", "grid_sample"}
+    for case in record["cases"]:
+        for name, peer in case["peers"].items():
+            assert peer["median_s"] > 0 and len(peer["samples_s"]) == 1
+            assert peer["ratio"] == pytest.approx(case["peers"]["deformcp"]["median_s"] / peer["median_s"])
+            if name != "deformcp":
+                assert peer["agrees"], peer["agreement"]
+    memory = cases[FORWARD, "tiny"]["memory"]
+    assert set(memory) == {"deformcp", "onnxruntime", "openvino"}
+    for figure in memory.values():
+        assert figure["peak_bytes"] >= figure["rss_before_bytes"] > 0, figure
+    assert record["settings"]["cpu_threads"] >= 1
+    assert "intra_op_num_threads" in record["settings"]["peers"]["onnxruntime"]
+    assert "ratio = deformcp median time / peer median time" in captured.out
+    assert "[1/2] forward tiny" in captured.err  # progress goes to stderr
+
+
+def test_bench_fails_loudly_on_disagreement(tmp_path, capsys, monkeypatch):
+    _require("onnxruntime")
+    from deformcp.comparison import onnxruntime_peer
+
+    real_prepare = onnxruntime_peer.prepare
+
+    def wrong_padding(task, shape, inputs, device):
+        # A peer that reads the padding in the other order (bottom/right first) must be caught.
+        top, left, bottom, right = shape.padding
+        return real_prepare(task, type(shape)(**{**shape.as_dict(), "padding": (bottom, right, top, left)}),
+                            inputs, device)
+
+    # The swap keeps top+bottom and left+right, so the output's size is unchanged; only its values move.
+    monkeypatch.setattr(onnxruntime_peer, "prepare", wrong_padding)
+    status = cli.main(["--shapes", "tiny", "--peers", "onnxruntime", "--task", "forward", "--repeats", "1",
+                       "--warmup", "0", "--no-memory", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "DISAGREEMENT: onnxruntime forward tiny out" in captured.err
+    assert "DISAGREES" in captured.out
