@@ -26,10 +26,11 @@ def _forward(kw):
 
 def _backward(kw, grad_out=None, wrt=("x", "offset", "mask", "weight", "bias")):
     if grad_out is None:
-        # The output's shape, worked out here so that a geometry error reaches the geometry check.
-        grad_out = np.ones((kw["x"].shape[0] if hasattr(kw["x"], "shape") else 2, 6, 6, 5))
-        if isinstance(kw["x"], np.ndarray) and kw["x"].dtype.kind == "f":
-            grad_out = grad_out.astype(kw["x"].dtype)
+        # The valid call's output, in x's dtype where x has a floating one, so that each case
+        # fails on the check it is about rather than on grad_out.
+        x = kw["x"]
+        floating = isinstance(x, np.ndarray) and x.dtype.kind == "f"
+        grad_out = np.ones((2, 6, 6, 5), x.dtype if floating else np.float64)
     return deformcp.deform_conv2d_backward(grad_out, kw["x"], kw["offset"], kw["mask"], kw["weight"], kw["bias"],
                                            stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"],
                                            wrt=wrt)
