@@ -34,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Dict, Optional
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from . import api
+from . import api, interop
 from .dtypes import common_dtype
 from .geometry import IntPair, Padding, conv_geometry, normalize_pair, normalize_padding
 
@@ -157,22 +158,42 @@ def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
     def host(*ops):
         return jax.pure_callback(on_host, results, *ops, vmap_method="expand_dims")
 
-    if not _cupy_available() or any(np.dtype(r.dtype).name == "bfloat16" for r in results):
+    platforms = [p for p in _IN_PLACE_PLATFORMS if p != "cuda" or _cupy_available()]
+    # CuPy cannot wrap a raw bfloat16 device buffer: bfloat16 takes the host callback.
+    if not platforms or any(np.dtype(r.dtype).name == "bfloat16" for r in results):
         return host(*operands)
 
-    def on_device(ctx, outs, *buffers):
-        import cupy
-
-        with cupy.cuda.ExternalStream(ctx.stream):
-            device_arrays = [cupy.asarray(b) for b in buffers]
-            out = _unmapped(run, fold, dict(zip(names, device_arrays)), cupy)
+    def on_buffers(ctx, outs, *buffers):
+        # The weight is never empty, so its buffer tells the device all of them are on.
+        with _buffer_module(buffers[names.index("weight")], ctx) as xp:
+            out = _unmapped(run, fold, {n: xp.asarray(b) for n, b in zip(names, buffers)}, xp)
             for target, value in zip(outs, out):
-                cupy.asarray(target)[...] = value
+                xp.asarray(target)[...] = value
 
     from jax.experimental.buffer_callback import buffer_callback
 
-    device = buffer_callback(on_device, results, vmap_method="expand_dims")
-    return jax.lax.platform_dependent(*operands, cuda=lambda *ops: device(*ops), default=host)
+    in_place = buffer_callback(on_buffers, results, vmap_method="expand_dims")
+    return jax.lax.platform_dependent(*operands, **dict.fromkeys(platforms, in_place), default=host)
+
+
+# Platforms whose device buffers the backends read and write in place (buffer_callback); the
+# others take the host callback.  The tests add "cpu" to run the in-place path without a GPU.
+_IN_PLACE_PLATFORMS = ("cuda",)
+
+
+@contextlib.contextmanager
+def _buffer_module(buffer, ctx):
+    """Yield the array module for ``buffer_callback`` buffers like ``buffer``; for CUDA, run on the
+    buffer's device with XLA's stream as CuPy's current stream, so the kernels are ordered with XLA's work."""
+    device_type, device = buffer.__dlpack_device__()
+    if device_type != interop.DL_CUDA:
+        yield np
+        return
+    import cupy
+
+    stream = ctx.stream() if callable(ctx.stream) else ctx.stream  # a method in some jaxlib versions
+    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream, device):
+        yield cupy
 
 
 @functools.lru_cache(maxsize=None)

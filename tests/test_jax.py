@@ -207,3 +207,23 @@ def test_gpu_runs_on_device_buffers(rng, x64):
     xs = jnp.stack([arrays[0], 2 * arrays[0]])
     f = lambda x: dj.deform_conv2d(x, *arrays[1:], **spec.kwargs)  # noqa: E731
     assert_close(np.asarray(jax.vmap(f)(xs)), np.asarray(_stack_of(f, xs)), "float64", "vmap on the GPU")
+
+
+def test_in_place_buffer_path_on_the_cpu(rng, monkeypatch, x64):
+    # The path CUDA takes (buffer_callback, results written into XLA's buffers), run on the CPU with NumPy.
+    monkeypatch.setattr(dj, "_IN_PLACE_PLATFORMS", ("cpu",))
+    spec = SPECS["groups2_offset_groups2"]
+    problem = make_problem(spec, rng)
+    arrays = _arrays(problem)
+    hlo = jax.jit(lambda *a: dj.deform_conv2d(*a, **spec.kwargs)).lower(*arrays).as_text()
+    assert "xla_buffer_python_cpu_callback" in hlo
+    out, grads = _vjp_all(arrays, jnp.asarray(problem.grad_out), spec.kwargs)
+    assert_close(out, reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
+    expected = reference.deform_conv2d_backward(problem.grad_out, *problem.inputs, **spec.kwargs)
+    assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected)
+    xs = jnp.stack([arrays[0], 2 * arrays[0]])
+    weights = jnp.stack([arrays[3], -arrays[3]])
+    f = lambda x, w: dj.deform_conv2d(x, arrays[1], arrays[2], w, arrays[4], **spec.kwargs)  # noqa: E731
+    assert_close(jax.vmap(f)(xs, weights), _stack_of(f, xs, weights), "float64", "vmap")
+    assert_close(jax.vmap(f, in_axes=(0, None))(xs, arrays[3]), _stack_of(f, xs, [arrays[3]] * 2), "float64",
+                 "folded vmap")
