@@ -12,7 +12,8 @@
 //   index_t    int (32-bit) unless an element count needs long long (64-bit)
 // The column matrix is always held in acc_t, so a half-precision result is
 // rounded once, at the very end, as on the CPU.
-#pragma once
+#ifndef DEFORMCP_DEFORM_COMMON_CUH
+#define DEFORMCP_DEFORM_COMMON_CUH
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -172,3 +173,5 @@ __device__ __forceinline__ acc_t<scalar_t> bilinear(const scalar_t* plane, index
 }
 
 }  // namespace dcn
+
+#endif  // DEFORMCP_DEFORM_COMMON_CUH
