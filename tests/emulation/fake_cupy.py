@@ -1,0 +1,218 @@
+"""A stand-in for the part of CuPy that ``deformcp.backends.cupy_backend`` uses, built on
+NumPy, whose ``RawModule`` runs the real kernel sources through the CPU emulation.
+
+With it, the CuPy backend's own code (tiling, layouts, strides, argument lists, index
+width, launch sizes) runs unchanged on a machine without a GPU.  It is stricter than
+CuPy where CuPy would fail silently on a GPU:
+
+* every kernel argument is checked against the kernel's parameter: a pointer must be a
+  C-contiguous array of the parameter's element size, a scalar a NumPy scalar of the
+  parameter's exact size (CuPy passes a Python int as ``long long`` whatever the kernel
+  takes, which corrupts the arguments after it);
+* a launch needs a non-empty grid and block, as CUDA does;
+* ``empty`` fills with NaN, so an output element a kernel fails to write shows up.
+
+Use :func:`installed` to swap it in for ``cupy`` while importing the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import sys
+import types
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from . import build
+
+MULTIPROCESSORS = 2
+
+
+class ndarray(np.ndarray):
+    """A NumPy array that says which (pretend) device it lives on."""
+
+    @property
+    def device(self) -> "Device":
+        return Device(0)
+
+
+class Device:
+    """``cupy.cuda.Device``: a context manager that selects a device (there is only 0)."""
+
+    def __init__(self, device: int = 0):
+        if device != 0:
+            raise ValueError(f"the emulation has one device, 0; got {device}")
+        self.id = device
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _wrap(array) -> ndarray:
+    return array if type(array) is ndarray else np.asarray(array).view(ndarray)
+
+
+def asarray(array, dtype=None) -> ndarray:
+    return _wrap(np.array(array, dtype=dtype, copy=True))
+
+
+def empty(shape, dtype=np.float64) -> ndarray:
+    out = np.empty(shape, dtype=dtype)
+    if out.dtype.kind == "f" or out.dtype.name == "bfloat16":
+        out.fill(np.nan)
+    return _wrap(out)
+
+
+def zeros(shape, dtype=np.float64) -> ndarray:
+    return _wrap(np.zeros(shape, dtype=dtype))
+
+
+def ascontiguousarray(array) -> ndarray:
+    return _wrap(np.ascontiguousarray(array))
+
+
+def matmul(a, b) -> ndarray:
+    return _wrap(np.matmul(a, b))
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch."""
+
+    name: str
+    grid: tuple
+    block: tuple
+    work_items: int
+
+
+launches: List[Launch] = []
+
+
+class RawKernel:
+    """A compiled template instance; calling it runs the kernel on the CPU."""
+
+    def __init__(self, library: build.EmulatedLibrary, name: str):
+        self.name = name
+        self._library = library
+        self._entry = library.find(name)
+        if self._entry < 0:
+            raise RuntimeError(f"{name} is not an instance in the compiled source")
+        self._sizes, self._element_sizes = library.describe(self._entry)
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        grid, block = _dims(grid, "grid"), _dims(block, "block")
+        if block[0] * block[1] * block[2] > 1024:
+            raise ValueError(f"block {block} has more than 1024 threads")
+        if shared_mem:
+            raise ValueError("the emulation does not provide shared memory")
+        if len(args) != len(self._sizes):
+            raise TypeError(f"{self.name} takes {len(self._sizes)} arguments, got {len(args)}")
+        keep = []  # the ctypes objects must live until the launch returns
+        pointers = (ctypes.c_void_p * len(args))()
+        for i, (arg, size, element_size) in enumerate(zip(args, self._sizes, self._element_sizes)):
+            value = _argument(self.name, i, arg, size, element_size)
+            keep.append(value)
+            pointers[i] = ctypes.cast(ctypes.pointer(value), ctypes.c_void_p)
+        launches.append(Launch(self.name, grid, block, int(args[0])))
+        self._library.launch(self._entry, grid, block, pointers)
+
+
+def _dims(dims, what: str) -> tuple:
+    dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"{what} must have 1 to 3 positive sizes (CUDA rejects an empty launch), got {dims}")
+    return dims
+
+
+def _argument(kernel: str, i: int, arg, size: int, element_size: int):
+    where = f"{kernel} argument {i}"
+    if element_size:
+        if not isinstance(arg, np.ndarray):
+            raise TypeError(f"{where} is a pointer to {element_size}-byte elements, got {type(arg).__name__}")
+        if arg.dtype.itemsize != element_size:
+            raise TypeError(f"{where} points to {element_size}-byte elements, got an array of {arg.dtype}")
+        if not arg.flags.c_contiguous:
+            raise TypeError(f"{where} is a non-contiguous array; a raw pointer cannot describe it")
+        return ctypes.c_void_p(arg.ctypes.data)
+    if isinstance(arg, np.ndarray):
+        raise TypeError(f"{where} is a {size}-byte scalar, got an array")
+    if not isinstance(arg, np.generic):
+        raise TypeError(f"{where} is a {size}-byte scalar, got Python {type(arg).__name__} "
+                        "(CuPy would pass it as a 64-bit value whatever the kernel expects)")
+    if arg.dtype.itemsize != size:
+        raise TypeError(f"{where} is a {size}-byte scalar, got {arg.dtype} ({arg.dtype.itemsize} bytes)")
+    return ctypes.create_string_buffer(arg.tobytes(), size)
+
+
+class RawModule:
+    """``cupy.RawModule(code=..., options=..., name_expressions=...)`` over the emulation."""
+
+    def __init__(self, code: Optional[str] = None, *, options=(), name_expressions=None, **kwargs):
+        if code is None or kwargs:
+            raise TypeError("the emulated RawModule takes code, options and name_expressions only")
+        self.code = code
+        self.options = tuple(options)
+        self.name_expressions = tuple(name_expressions or ())
+
+    def get_function(self, name: str) -> RawKernel:
+        if name not in self.name_expressions:
+            raise KeyError(f"{name} was not among the name_expressions {self.name_expressions}")
+        library = build.load(self.code, tuple(build.template_instances(name)))
+        return RawKernel(library, name)
+
+
+def _device_properties(device: int) -> dict:
+    Device(device)
+    return {"multiProcessorCount": MULTIPROCESSORS, "name": "CPU emulation"}
+
+
+def module() -> types.ModuleType:
+    """A fresh module object that can stand in for ``cupy``."""
+    fake = types.ModuleType("cupy")
+    fake.__dict__.update(
+        ndarray=ndarray, asarray=asarray, empty=empty, zeros=zeros, ascontiguousarray=ascontiguousarray,
+        matmul=matmul, RawModule=RawModule, RawKernel=RawKernel,
+        cuda=types.SimpleNamespace(
+            Device=Device, is_available=lambda: True,
+            runtime=types.SimpleNamespace(getDeviceProperties=_device_properties)),
+    )
+    return fake
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[types.ModuleType]:
+    """Import ``deformcp.backends.cupy_backend`` against the fake ``cupy``; undo it all on exit.
+
+    Yields the backend module.  The loader's kernel cache is cleared on entry and exit so
+    that emulated kernels never leak into a session that has real CuPy.
+    """
+    from deformcp import backends
+    from deformcp.backends import cuda_kernels
+
+    names = ("cupy", "deformcp.backends.cupy_backend")
+    saved = {name: sys.modules.get(name) for name in names}
+    had_attribute = hasattr(backends, "cupy_backend")
+    saved_attribute = getattr(backends, "cupy_backend", None)
+    sys.modules["cupy"] = module()
+    sys.modules.pop("deformcp.backends.cupy_backend", None)
+    cuda_kernels.get_kernel.cache_clear()
+    try:
+        yield importlib.import_module("deformcp.backends.cupy_backend")
+    finally:
+        cuda_kernels.get_kernel.cache_clear()
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+        if had_attribute:
+            backends.cupy_backend = saved_attribute
+        elif hasattr(backends, "cupy_backend"):
+            del backends.cupy_backend

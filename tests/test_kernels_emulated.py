@@ -1,0 +1,265 @@
+"""The CUDA kernels, run on the CPU, against the NumPy backend (the oracle).
+
+``kernels/*.cu`` are compiled by g++ against ``tests/emulation/cuda_emulation.h`` and
+driven by the real CuPy backend (``deformcp.backends.cupy_backend``) through a NumPy
+stand-in for CuPy (``tests/emulation/fake_cupy.py``), so the kernels and the backend's
+tiling, layouts and argument lists are checked together, with no GPU.  Needs only a C++
+compiler; skipped, with the reason, where there is none.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deformcp.backends import cuda_kernels, numpy_backend
+from deformcp.geometry import conv_geometry
+from deformcp.workspace import workspace_limit
+from emulation import build, fake_cupy
+from problems import TOLERANCE, Spec, make_problem, relative_error, specs
+
+DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+GRADIENTS = ("x", "offset", "mask", "weight", "bias")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """The CuPy backend, running the kernels through the CPU emulation."""
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX): the kernel emulation cannot be built")
+    with fake_cupy.installed() as backend:
+        yield backend
+
+
+def _on_device(array):
+    return None if array is None else fake_cupy.asarray(array)
+
+
+def _geometry(problem):
+    shape = lambda a: None if a is None else a.shape  # noqa: E731
+    return conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
+                         shape(problem.bias), **problem.spec.kwargs)
+
+
+def _outputs(backend, problem, wrt=frozenset(GRADIENTS)) -> dict:
+    """im2col, forward and the backward gradients of one problem, as NumPy arrays."""
+    geom = _geometry(problem)
+    x, offset, mask, weight, bias = (_on_device(a) for a in problem.inputs)
+    results = {
+        "im2col": backend.im2col(geom, x, offset, mask),
+        "forward": backend.forward(geom, x, offset, mask, weight, bias),
+    }
+    grads = backend.backward(geom, _on_device(problem.grad_out), x, offset, mask, weight, wrt)
+    results.update({f"grad_{name}": value for name, value in grads.items()})
+    return {name: np.asarray(value) for name, value in results.items()}
+
+
+def _reference(problem, wrt=frozenset(GRADIENTS)) -> dict:
+    """The same from the NumPy backend, in float64 on the (exactly widened) inputs."""
+    wide = problem.astype(np.float64)
+    geom = _geometry(wide)
+    results = {
+        "im2col": numpy_backend.im2col(geom, wide.x, wide.offset, wide.mask),
+        "forward": numpy_backend.forward(geom, *wide.inputs),
+    }
+    grads = numpy_backend.backward(geom, wide.grad_out, wide.x, wide.offset, wide.mask, wide.weight, wrt)
+    results.update({f"grad_{name}": value for name, value in grads.items()})
+    return results
+
+
+def _expected_keys(problem) -> set:
+    keys = {"im2col", "forward", "grad_x", "grad_offset", "grad_weight", "grad_bias"}
+    if problem.mask is not None:
+        keys.add("grad_mask")
+    return keys
+
+
+def _assert_close(actual: dict, expected: dict, dtype) -> None:
+    assert set(actual) == set(expected)
+    tolerance = TOLERANCE[np.dtype(dtype).name]
+    for name in expected:
+        assert actual[name].dtype == np.dtype(dtype), f"{name}: dtype {actual[name].dtype}, expected {dtype}"
+        error = relative_error(actual[name], expected[name])
+        assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g} ({np.dtype(dtype).name})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=specs(), seed=st.integers(0, 2**32 - 1))
+def test_kernels_match_numpy_backend(gpu, dtype, spec, seed):
+    problem = make_problem(spec, np.random.default_rng(seed), dtype)
+    actual = _outputs(gpu, problem)
+    assert set(actual) == _expected_keys(problem)
+    _assert_close(actual, _reference(problem), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_64_bit_index_instances(gpu, dtype, monkeypatch):
+    spec = Spec(batch=2, in_channels=4, height=7, width=6, out_channels=6, kernel=(3, 2), groups=2, offset_groups=2,
+                stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2))
+    problem = make_problem(spec, np.random.default_rng(7), dtype)
+    narrow = _outputs(gpu, problem)
+    fake_cupy.launches.clear()
+    monkeypatch.setattr(gpu, "_MIN_INDEX_BITS", 64)
+    wide = _outputs(gpu, problem)
+    names = {launch.name for launch in fake_cupy.launches}
+    assert len(names) == 3 and all(name.endswith(", long long>") for name in names), names
+    for name in narrow:
+        np.testing.assert_array_equal(wide[name], narrow[name], err_msg=name)
+    _assert_close(wide, _reference(problem), dtype)
+
+
+def test_index_width_follows_element_counts(gpu):
+    geom = _geometry(make_problem(Spec(batch=1), np.random.default_rng(0)))
+    launch = gpu._Launch(geom, fake_cupy.zeros(geom.x_shape, np.float32), {})
+    headroom = launch.max_blocks * gpu._THREADS_PER_BLOCK
+    launch.choose_index_width(10, 2**31 - 1 - headroom)
+    assert launch.index_bits == 32
+    launch.choose_index_width(2**31 - headroom)
+    assert launch.index_bits == 64
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float16)], ids=lambda d: d.name)
+def test_tiles_of_images_and_of_rows(gpu, dtype):
+    spec = Spec(batch=3, in_channels=4, height=9, width=7, out_channels=4, kernel=(3, 3), offset_groups=2,
+                padding=(1, 2, 0, 1))
+    problem = make_problem(spec, np.random.default_rng(3), dtype)
+    expected = _reference(problem)
+    # One image per tile, then a few output rows per tile.
+    for limit in (6000, 1500):
+        fake_cupy.launches.clear()
+        with workspace_limit(limit):
+            actual = _outputs(gpu, problem)
+        im2col_launches = sum(1 for launch in fake_cupy.launches if "im2col" in launch.name)
+        assert im2col_launches > 3, f"limit {limit}: expected several tiles, got {im2col_launches} im2col launches"
+        _assert_close(actual, expected, dtype)
+
+
+def test_empty_batch_launches_nothing(gpu):
+    problem = make_problem(Spec(batch=0), np.random.default_rng(1), np.float32)
+    fake_cupy.launches.clear()
+    actual = _outputs(gpu, problem)
+    assert fake_cupy.launches == []
+    assert actual["forward"].shape == (0, 4, 6, 5)
+    assert actual["grad_x"].shape == problem.x.shape
+    np.testing.assert_array_equal(actual["grad_weight"], np.zeros_like(problem.weight))
+    np.testing.assert_array_equal(actual["grad_bias"], np.zeros_like(problem.bias))
+
+
+@pytest.mark.parametrize("name", GRADIENTS)
+def test_each_gradient_alone(gpu, name):
+    problem = make_problem(Spec(offset_groups=2, groups=2), np.random.default_rng(11), np.float64)
+    everything = _outputs(gpu, problem)
+    alone = _outputs(gpu, problem, frozenset({name}))
+    assert set(alone) == {"im2col", "forward", f"grad_{name}"}
+    np.testing.assert_array_equal(alone[f"grad_{name}"], everything[f"grad_{name}"])
+
+
+def test_non_contiguous_inputs(gpu):
+    problem = make_problem(Spec(groups=2, offset_groups=2), np.random.default_rng(5), np.float32)
+    contiguous = _outputs(gpu, problem)
+    strided = type(problem)(problem.spec, *(None if a is None else np.asfortranarray(a)
+                                             for a in (*problem.inputs, problem.grad_out)))
+    assert not strided.x.flags.c_contiguous
+    actual = _outputs(gpu, strided)
+    for name in contiguous:
+        np.testing.assert_array_equal(actual[name], contiguous[name], err_msg=name)
+
+
+def _special_values_problem(dtype) -> tuple:
+    """A problem whose samples hit every NaN/inf rule, and the places each one lands."""
+    spec = Spec(batch=1, in_channels=2, height=5, width=5, out_channels=2, kernel=(3, 3), padding=(1, 1, 1, 1))
+    problem = make_problem(spec, np.random.default_rng(2), np.float64)
+    x, offset, mask = problem.x, problem.offset, problem.mask
+    # offset[0, 2k (dy) / 2k+1 (dx), oy, ox]; kernel point k = i*3 + j samples at oy - 1 + i + dy
+    offset[0, 0, 2, 2] = np.nan                  # NaN position: NaN sample and NaN gradients
+    offset[0, 2, 3, 3] = np.inf                  # infinite position: outside, reads nothing
+    offset[0, 4, 1, 1] = -50.0                   # far outside ...
+    mask[0, 2, 1, 1] = np.nan                    # ... with a NaN mask: the sample is NaN
+    offset[0, 6:8, 2, 1] = (0.3, 0.4)            # k=3 at (2, 1) reads inside, at (2.3, 0.4) ...
+    mask[0, 3, 2, 1] = np.nan                    # ... with a NaN mask: NaN scattered to its 4 pixels
+    offset[0, 8, 0, 4] = -1.0                    # k=4 (i=j=1) at oy=0: py = 0 - 1 + 1 - 1 = -1, the -1 line
+    offset[0, 9, 0, 4] = 0.25
+    x[0, 1, 0, 4] = np.nan                       # read by that sample's coordinate gradient, not by the sample
+    offset[0, 0:2, 3, 3] = (1.0, 1.5)            # k=0 at (3, 3) samples (3.0, 3.5): row 4 has weight 0 ...
+    x[0, 1, 4, 4] = np.inf                       # ... yet an infinite pixel there still poisons it (0 * inf)
+    x[0, 0, 0, 0] = np.nan
+    return problem.astype(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_nan_and_infinity_rules(gpu, dtype):
+    problem = _special_values_problem(dtype)
+    actual = _outputs(gpu, problem)
+    expected = _reference(problem)
+    tolerance = TOLERANCE[np.dtype(dtype).name]
+    for name, value in expected.items():
+        got = actual[name].astype(np.float64)
+        nan = np.isnan(value)
+        np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{name}: NaN pattern differs")
+        assert nan.any() or name == "grad_bias", f"{name}: the problem should produce NaN"
+        assert not nan.all(), f"{name}: everything is NaN, the comparison would be vacuous"
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(value), err_msg=f"{name}: infinities differ")
+        finite = np.isfinite(value)
+        assert relative_error(got[finite], value[finite]) <= tolerance, name
+    # On the line py = -1 the sample is 0 but its coordinate gradient reads the image
+    # (torchvision's rule): here a NaN pixel, so NaN; for channel 0 alone it would be non-zero.
+    assert actual["im2col"][0, 1 * 9 + 4, 0 * 5 + 4] == 0
+    assert np.isnan(actual["grad_offset"][0, 8, 0, 4])
+    # The sample at (3.0, 3.5) gives its infinite pixel weight 0, and is NaN.
+    assert np.isnan(actual["im2col"][0, 1 * 9 + 0, 3 * 5 + 3])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns on the overflowing and NaN casts
+def test_emulated_16_bit_conversions_round_to_nearest_even(gpu):
+    library = build.load(cuda_kernels.kernel_source("im2col"),
+                         tuple(build.template_instances(cuda_kernels.name_expression("im2col", "float32", 32))))
+    bits = np.arange(2**16, dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    edges = np.array([0.0, -0.0, 65504, 65519.996, 65520, -65520, 2**-24, 2**-25, 3 * 2**-26, 2**-14 - 2**-25,
+                      1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38, np.inf, -np.inf, np.nan],
+                     dtype=np.float32)
+    floats = np.concatenate([edges, rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+                             .view(np.float32), rng.standard_normal(50_000).astype(np.float32)])
+    for name, numpy_type in (("half", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
+        widened = library.convert(f"from_{name}", bits, np.empty(bits.size, np.float32))
+        reference = bits.view(numpy_type).astype(np.float32)
+        np.testing.assert_array_equal(np.isnan(widened), np.isnan(reference))
+        np.testing.assert_array_equal(widened[~np.isnan(reference)], reference[~np.isnan(reference)])
+        narrowed = library.convert(f"to_{name}", floats, np.empty(floats.size, np.uint16)).view(numpy_type)
+        reference = floats.astype(numpy_type)
+        nan = np.isnan(reference.astype(np.float32))
+        np.testing.assert_array_equal(np.isnan(narrowed.astype(np.float32)), nan)
+        np.testing.assert_array_equal(narrowed.view(np.uint16)[~nan], reference.view(np.uint16)[~nan])
+
+
+def test_harness_rejects_arguments_cupy_would_mangle(gpu):
+    kernel = cuda_kernels.get_kernel(0, "im2col", "float32", 32)
+    x = fake_cupy.zeros((1, 1, 2, 2), np.float32)
+    geometry = [np.int32(1)] * 20
+    good = [np.int32(4), x, x, x, np.int32(0), x, *geometry]
+    with pytest.raises(TypeError, match="Python int"):
+        kernel((1,), (32,), [4, *good[1:]])
+    with pytest.raises(TypeError, match="8 bytes"):
+        kernel((1,), (32,), [np.int64(4), *good[1:]])
+    with pytest.raises(TypeError, match="float64"):
+        kernel((1,), (32,), [*good[:5], fake_cupy.zeros(4, np.float64), *geometry])
+    with pytest.raises(ValueError, match="empty launch"):
+        kernel((0,), (32,), good)
+    with pytest.raises(TypeError, match="takes 26 arguments"):
+        kernel((1,), (32,), good[:-1])
+
+
+def test_loader_compiles_each_instance_once(gpu):
+    cuda_kernels.get_kernel.cache_clear()
+    problem = make_problem(Spec(), np.random.default_rng(4), np.float32)
+    _outputs(gpu, problem)
+    first = cuda_kernels.get_kernel.cache_info()
+    _outputs(gpu, problem)
+    second = cuda_kernels.get_kernel.cache_info()
+    assert first.misses == 3  # one per stage
+    assert second.misses == first.misses and second.hits > first.hits
