@@ -47,6 +47,11 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     sample by ``mask``, and convolves the samples with ``weight``.  The semantics
     are those of ``torchvision.ops.deform_conv2d``; ``docs/semantics.md`` states them.
 
+    The arrays may come from any library with DLPack support (NumPy, CuPy, PyTorch,
+    JAX, ...), all on one device: CPU arrays run on the NumPy/SciPy backend, CUDA
+    arrays on the CuPy kernels, without copies.  ``docs/interop.md`` states the rules.
+    This is the plain function: for autograd use :mod:`deformcp.torch` or :mod:`deformcp.jax`.
+
     Parameters
     ----------
     x : array, shape (B, C, H, W)
@@ -67,7 +72,7 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     Returns
     -------
     array, shape (B, C_out, H_out, W_out)
-        Of the input's array type and dtype, where
+        Of ``x``'s array type, on ``x``'s device, with its dtype, where
         ``H_out = (H + pad_top + pad_bottom - dilation_h*(kh-1) - 1) // stride_h + 1``.
 
     Raises
@@ -75,7 +80,8 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     ValueError
         If a shape or a geometry argument is invalid; the message names it.
     TypeError
-        If an input is not a floating array of a supported dtype, or the dtypes differ.
+        If an input is not an array, or not a floating array of a supported dtype; if
+        the dtypes differ; or if the arrays live on different devices.
 
     Notes
     -----
@@ -119,8 +125,8 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
     -------
     Gradients
         ``(grad_x, grad_offset, grad_mask, grad_weight, grad_bias)``, each of its
-        input's shape, array type and dtype; ``None`` for an input that was ``None``
-        or a gradient not in ``wrt``.
+        input's shape and dtype, of ``x``'s array type on ``x``'s device; ``None`` for an
+        input that was ``None`` or a gradient not in ``wrt``.
 
     Raises
     ------
@@ -178,7 +184,8 @@ def deform_im2col(x, offset, mask, kernel_size: IntPair, *, stride: IntPair = 1,
     Returns
     -------
     array, shape (B, C*kh*kw, H_out*W_out)
-        The layout of ``torch.nn.functional.unfold``: element ``[b, c*kh*kw + i*kw + j, oy*W_out + ox]``
+        Of ``x``'s array type, on ``x``'s device, with its dtype.  The layout of
+        ``torch.nn.functional.unfold``: element ``[b, c*kh*kw + i*kw + j, oy*W_out + ox]``
         is ``mask * bilinear(x[b, c], py, px)`` for kernel point ``(i, j)`` at output pixel
         ``(oy, ox)``.  With zero offsets and no mask it equals ``unfold``; for ``groups=1``,
         ``weight.reshape(C_out, -1) @ columns`` is the convolution.
