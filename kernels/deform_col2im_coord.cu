@@ -5,7 +5,7 @@
 // s[q] = sum_c grad_column[c] * input[c, corner q], then
 //   d/dy    = mask * ((1 - lx) (s2 - s0) + lx (s3 - s1))
 //   d/dx    = mask * ((1 - ly) (s1 - s0) + ly (s3 - s2))
-//   d/dmask = sum_q bilinear_weight[q] * s[q]   (weights 0 for an outside sample)
+//   d/dmask = sum_q bilinear_weight[q] * s[q]   (0 for a sample that takes the early exit)
 // The coordinate derivative has no early exit: corners inside the image count
 // even when the sample itself is outside, so it is non-zero on the lines
 // y = -1 and x = -1, torchvision's rule.  Each output element is written once.
@@ -53,14 +53,13 @@ __global__ void deform_col2im_coord_kernel(index_t n, const dcn::acc_t<scalar_t>
             dcn::store(grad_offset + s.offset_at + g.out_pixels(), s.mask * d_x);
         }
         if (want_mask) {
-            // Multiplying by the inside flag (not skipping) keeps a NaN position NaN;
-            // an outside sample has weight 0, which a NaN pixel it touches still poisons.
-            const bool out = dcn::outside(s.y, s.x, g.height, g.width);
+            // The sample's own value, early exit included: 0 outside, even when a corner
+            // it would touch (on a -1 line) holds NaN.  Multiplying by the inside flag
+            // rather than skipping the corner keeps a NaN position NaN.
             acc d_mask = 0;
+            if (!dcn::outside(s.y, s.x, g.height, g.width)) {
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const acc w = out ? acc(0) : cell.weight(q) * acc(cell.inside[q] ? 1 : 0);
-                d_mask += w * sum[q];
+                for (int q = 0; q < 4; ++q) d_mask += cell.weight(q) * acc(cell.inside[q] ? 1 : 0) * sum[q];
             }
             dcn::store(grad_mask + s.mask_at, d_mask);
         }

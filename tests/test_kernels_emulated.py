@@ -15,14 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deformcp.backends import cuda_kernels, numpy_backend
-from deformcp.geometry import conv_geometry
+from deformcp.backends import cuda_kernels
 from deformcp.workspace import workspace_limit
-from emulation import build, fake_cupy
+from emulation import build, fake_cupy, oracle
 from problems import TOLERANCE, Spec, make_problem, relative_error, specs
 
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
-GRADIENTS = ("x", "offset", "mask", "weight", "bias")
 
 
 @pytest.fixture(scope="module")
@@ -34,56 +32,8 @@ def gpu():
         yield backend
 
 
-def _on_device(array):
-    return None if array is None else fake_cupy.asarray(array)
-
-
-def _geometry(problem):
-    shape = lambda a: None if a is None else a.shape  # noqa: E731
-    return conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
-                         shape(problem.bias), **problem.spec.kwargs)
-
-
-def _outputs(backend, problem, wrt=frozenset(GRADIENTS)) -> dict:
-    """im2col, forward and the backward gradients of one problem, as NumPy arrays."""
-    geom = _geometry(problem)
-    x, offset, mask, weight, bias = (_on_device(a) for a in problem.inputs)
-    results = {
-        "im2col": backend.im2col(geom, x, offset, mask),
-        "forward": backend.forward(geom, x, offset, mask, weight, bias),
-    }
-    grads = backend.backward(geom, _on_device(problem.grad_out), x, offset, mask, weight, wrt)
-    results.update({f"grad_{name}": value for name, value in grads.items()})
-    return {name: np.asarray(value) for name, value in results.items()}
-
-
-def _reference(problem, wrt=frozenset(GRADIENTS)) -> dict:
-    """The same from the NumPy backend, in float64 on the (exactly widened) inputs."""
-    wide = problem.astype(np.float64)
-    geom = _geometry(wide)
-    results = {
-        "im2col": numpy_backend.im2col(geom, wide.x, wide.offset, wide.mask),
-        "forward": numpy_backend.forward(geom, *wide.inputs),
-    }
-    grads = numpy_backend.backward(geom, wide.grad_out, wide.x, wide.offset, wide.mask, wide.weight, wrt)
-    results.update({f"grad_{name}": value for name, value in grads.items()})
-    return results
-
-
-def _expected_keys(problem) -> set:
-    keys = {"im2col", "forward", "grad_x", "grad_offset", "grad_weight", "grad_bias"}
-    if problem.mask is not None:
-        keys.add("grad_mask")
-    return keys
-
-
-def _assert_close(actual: dict, expected: dict, dtype) -> None:
-    assert set(actual) == set(expected)
-    tolerance = TOLERANCE[np.dtype(dtype).name]
-    for name in expected:
-        assert actual[name].dtype == np.dtype(dtype), f"{name}: dtype {actual[name].dtype}, expected {dtype}"
-        error = relative_error(actual[name], expected[name])
-        assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g} ({np.dtype(dtype).name})"
+def _outputs(backend, problem, wrt=oracle.ALL) -> dict:
+    return oracle.outputs(backend, problem, fake_cupy.asarray, np.asarray, wrt)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -92,8 +42,8 @@ def _assert_close(actual: dict, expected: dict, dtype) -> None:
 def test_kernels_match_numpy_backend(gpu, dtype, spec, seed):
     problem = make_problem(spec, np.random.default_rng(seed), dtype)
     actual = _outputs(gpu, problem)
-    assert set(actual) == _expected_keys(problem)
-    _assert_close(actual, _reference(problem), dtype)
+    assert set(actual) == oracle.expected_keys(problem)
+    oracle.assert_close(actual, oracle.reference(problem), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -109,11 +59,11 @@ def test_64_bit_index_instances(gpu, dtype, monkeypatch):
     assert len(names) == 3 and all(name.endswith(", long long>") for name in names), names
     for name in narrow:
         np.testing.assert_array_equal(wide[name], narrow[name], err_msg=name)
-    _assert_close(wide, _reference(problem), dtype)
+    oracle.assert_close(wide, oracle.reference(problem), dtype)
 
 
 def test_index_width_follows_element_counts(gpu):
-    geom = _geometry(make_problem(Spec(batch=1), np.random.default_rng(0)))
+    geom = oracle.geometry(make_problem(Spec(batch=1), np.random.default_rng(0)))
     launch = gpu._Launch(geom, fake_cupy.zeros(geom.x_shape, np.float32), {})
     headroom = launch.max_blocks * gpu._THREADS_PER_BLOCK
     launch.choose_index_width(10, 2**31 - 1 - headroom)
@@ -127,7 +77,7 @@ def test_tiles_of_images_and_of_rows(gpu, dtype):
     spec = Spec(batch=3, in_channels=4, height=9, width=7, out_channels=4, kernel=(3, 3), offset_groups=2,
                 padding=(1, 2, 0, 1))
     problem = make_problem(spec, np.random.default_rng(3), dtype)
-    expected = _reference(problem)
+    expected = oracle.reference(problem)
     # One image per tile, then a few output rows per tile.
     for limit in (6000, 1500):
         fake_cupy.launches.clear()
@@ -135,7 +85,7 @@ def test_tiles_of_images_and_of_rows(gpu, dtype):
             actual = _outputs(gpu, problem)
         im2col_launches = sum(1 for launch in fake_cupy.launches if "im2col" in launch.name)
         assert im2col_launches > 3, f"limit {limit}: expected several tiles, got {im2col_launches} im2col launches"
-        _assert_close(actual, expected, dtype)
+        oracle.assert_close(actual, expected, dtype)
 
 
 def test_empty_batch_launches_nothing(gpu):
@@ -149,7 +99,7 @@ def test_empty_batch_launches_nothing(gpu):
     np.testing.assert_array_equal(actual["grad_bias"], np.zeros_like(problem.bias))
 
 
-@pytest.mark.parametrize("name", GRADIENTS)
+@pytest.mark.parametrize("name", oracle.GRADIENTS)
 def test_each_gradient_alone(gpu, name):
     problem = make_problem(Spec(offset_groups=2, groups=2), np.random.default_rng(11), np.float64)
     everything = _outputs(gpu, problem)
@@ -195,7 +145,7 @@ def _special_values_problem(dtype) -> tuple:
 def test_nan_and_infinity_rules(gpu, dtype):
     problem = _special_values_problem(dtype)
     actual = _outputs(gpu, problem)
-    expected = _reference(problem)
+    expected = oracle.reference(problem)
     tolerance = TOLERANCE[np.dtype(dtype).name]
     for name, value in expected.items():
         got = actual[name].astype(np.float64)
@@ -210,6 +160,7 @@ def test_nan_and_infinity_rules(gpu, dtype):
     # (torchvision's rule): here a NaN pixel, so NaN; for channel 0 alone it would be non-zero.
     assert actual["im2col"][0, 1 * 9 + 4, 0 * 5 + 4] == 0
     assert np.isnan(actual["grad_offset"][0, 8, 0, 4])
+    assert actual["grad_mask"][0, 4, 0, 4] == 0  # grad_mask follows the sample, early exit included
     # The sample at (3.0, 3.5) gives its infinite pixel weight 0, and is NaN.
     assert np.isnan(actual["im2col"][0, 1 * 9 + 0, 3 * 5 + 3])
 

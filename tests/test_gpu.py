@@ -1,0 +1,225 @@
+"""The CuPy backend on a real CUDA device.
+
+Skipped, with the reason, where CuPy is not installed or sees no device (CI has none;
+``tests/test_kernels_emulated.py`` checks the same kernels there on the CPU).  Run with
+``python -m pytest -m gpu tests/test_gpu.py``; see ``docs/cuda.md``.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import deformcp
+from deformcp.backends import cuda_kernels
+from emulation import oracle
+from problems import TOLERANCE, Spec, make_problem, relative_error, specs
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed; the GPU tests need cupy-cuda12x or cupy-cuda13x")
+try:
+    _DEVICES = cupy.cuda.runtime.getDeviceCount()
+except Exception as exc:  # CUDARuntimeError without a driver
+    pytest.skip(f"CuPy sees no CUDA device ({type(exc).__name__}: {exc})", allow_module_level=True)
+if _DEVICES == 0:
+    pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
+
+from deformcp.backends import cupy_backend  # noqa: E402  (imports CuPy, so only after the checks)
+
+DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+
+
+def _outputs(problem, wrt=oracle.ALL) -> dict:
+    return oracle.outputs(cupy_backend, problem, cupy.asarray, cupy.asnumpy, wrt)
+
+
+class _LaunchSpy:
+    """Wraps ``cupy_backend.get_kernel`` to record each launch's instance and stream."""
+
+    def __init__(self, monkeypatch):
+        self.launches = []
+        real = cupy_backend.get_kernel
+
+        def get_kernel(device_id, stage, dtype_name, index_bits):
+            kernel = real(device_id, stage, dtype_name, index_bits)
+
+            def launch(*args, **kwargs):
+                self.launches.append((stage, dtype_name, index_bits, cupy.cuda.get_current_stream().ptr))
+                return kernel(*args, **kwargs)
+
+            return launch
+
+        monkeypatch.setattr(cupy_backend, "get_kernel", get_kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=specs(), seed=st.integers(0, 2**32 - 1))
+def test_matches_numpy_backend(dtype, spec, seed):
+    problem = make_problem(spec, np.random.default_rng(seed), dtype)
+    actual = _outputs(problem)
+    assert set(actual) == oracle.expected_keys(problem)
+    oracle.assert_close(actual, oracle.reference(problem), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_public_api_with_cupy_arrays(dtype):
+    spec = Spec(batch=2, in_channels=4, height=7, width=6, out_channels=6, kernel=(3, 2), groups=2, offset_groups=2,
+                stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2))
+    problem = make_problem(spec, np.random.default_rng(1), dtype)
+    on_device = [None if a is None else cupy.asarray(a) for a in problem.inputs]
+    out = deformcp.deform_conv2d(*on_device, **spec.kwargs)
+    grads = deformcp.deform_conv2d_backward(cupy.asarray(problem.grad_out), *on_device, **spec.kwargs)
+    columns = deformcp.deform_im2col(*on_device[:3], spec.kernel, **spec.kwargs)
+    assert isinstance(out, cupy.ndarray) and all(isinstance(g, cupy.ndarray) for g in grads)
+    actual = {"forward": out, "im2col": columns,
+              **{f"grad_{name}": g for name, g in zip(oracle.GRADIENTS, grads)}}
+    oracle.assert_close({k: cupy.asnumpy(v) for k, v in actual.items()}, oracle.reference(problem), dtype)
+
+
+@pytest.fixture(scope="module")
+def torchvision_cuda():
+    """``(torch, torchvision)`` with a CUDA device, or a skip saying what is missing."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    return torch, torchvision
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64)], ids=lambda d: d.name)
+@settings(max_examples=15, deadline=None)
+@given(spec=specs(allow_empty_batch=False), seed=st.integers(0, 2**32 - 1))
+def test_matches_torchvision(torchvision_cuda, dtype, spec, seed):
+    torch, torchvision = torchvision_cuda
+    pad = spec.padding
+    assume(pad[0] == pad[2] and pad[1] == pad[3])  # torchvision pads symmetrically
+    problem = make_problem(spec, np.random.default_rng(seed), dtype)
+    names = ("x", "offset", "mask", "weight", "bias")
+    tensors = {n: None if a is None else torch.tensor(a, device="cuda", requires_grad=True)
+               for n, a in zip(names, problem.inputs)}
+    y = torchvision.ops.deform_conv2d(tensors["x"], tensors["offset"], tensors["weight"], tensors["bias"],
+                                      stride=spec.stride, padding=pad[:2], dilation=spec.dilation,
+                                      mask=tensors["mask"])
+    y.backward(torch.tensor(problem.grad_out, device="cuda"))
+    expected = {"forward": y.detach().cpu().numpy()}
+    expected.update({f"grad_{n}": t.grad.cpu().numpy() for n, t in tensors.items() if t is not None})
+    actual = _outputs(problem)
+    actual.pop("im2col")
+    oracle.assert_close(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_64_bit_index_instances(dtype, monkeypatch):
+    spec = Spec(batch=3, in_channels=4, height=9, width=8, out_channels=4, kernel=(3, 3), groups=2, offset_groups=2,
+                padding=(1, 2, 0, 1))
+    problem = make_problem(spec, np.random.default_rng(2), dtype)
+    narrow = _outputs(problem)
+    spy = _LaunchSpy(monkeypatch)
+    monkeypatch.setattr(cupy_backend, "_MIN_INDEX_BITS", 64)
+    wide = _outputs(problem)
+    assert spy.launches and {bits for _, _, bits, _ in spy.launches} == {64}
+    oracle.assert_close(wide, oracle.reference(problem), dtype)
+    for name in narrow:  # the same arithmetic, only wider indices; atomics may reorder grad_x
+        tolerance = 0 if name != "grad_x" else TOLERANCE[dtype.name]
+        assert relative_error(wide[name], narrow[name]) <= tolerance, name
+
+
+def test_runs_on_the_current_stream(monkeypatch):
+    problem = make_problem(Spec(batch=4, offset_groups=2), np.random.default_rng(3), np.float32)
+    spy = _LaunchSpy(monkeypatch)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        actual = _outputs(problem)  # cupy.asnumpy copies on the current stream, in order
+    stream.synchronize()
+    assert spy.launches, "no kernel was launched"
+    assert {ptr for *_, ptr in spy.launches} == {stream.ptr}
+    assert stream.ptr != cupy.cuda.Stream.null.ptr
+    oracle.assert_close(actual, oracle.reference(problem), np.float32)
+
+
+def test_second_call_does_not_recompile():
+    problem = make_problem(Spec(), np.random.default_rng(4), np.float64)
+    _outputs(problem)
+    first = cuda_kernels.get_kernel.cache_info()
+    _outputs(problem)
+    second = cuda_kernels.get_kernel.cache_info()
+    assert second.misses == first.misses
+    assert second.hits >= first.hits + 3
+
+
+def _big_image(height: int, width: int, rng_seed: int):
+    """A float16 image of height*width > 2^31 elements, filled in row bands (no 8 GiB float32 temporary)."""
+    x = cupy.empty((1, 1, height, width), dtype=cupy.float16)
+    rng = cupy.random.default_rng(rng_seed)
+    band = 4096
+    for r in range(0, height, band):
+        rows = min(band, height - r)
+        x[0, 0, r:r + rows] = rng.standard_normal((rows, width), dtype=cupy.float32).astype(cupy.float16)
+    return x
+
+
+def test_past_2_to_the_31_elements(monkeypatch):
+    """An input of more than 2^31 - 1 elements (4 GiB of float16) takes the 64-bit instances.
+
+    A 1x1 kernel with stride 4096 samples 12 x 12 places spread over the whole image; the
+    reference is the NumPy backend on a small image holding the 4x4 neighbourhood of each.
+    """
+    height = width = 46341  # 46341^2 > 2^31 - 1
+    stride = 4096
+    free, _ = cupy.cuda.Device().mem_info
+    if free < 20 * 2**30:
+        pytest.skip(f"needs 20 GiB of free device memory (x, a float32 grad_x, its float16 copy); {free / 2**30:.1f} free")
+    out_size = (height - 1) // stride + 1
+    rng = np.random.default_rng(5)
+    # Offsets in (-1, 1) on a 1/256 grid: positions oy*4096 + dy are then exact in float32.
+    offset = np.round(rng.uniform(-0.99, 0.99, (1, 2, out_size, out_size)) * 256) / 256
+    mask = rng.uniform(0.1, 1.0, (1, 1, out_size, out_size))
+    weight = rng.standard_normal((1, 1, 1, 1))
+    bias = rng.standard_normal(1)
+    grad_out = rng.standard_normal((1, 1, out_size, out_size))
+    x = _big_image(height, width, 6)
+    assert x.size > 2**31 - 1
+    half = lambda a: cupy.asarray(a.astype(np.float16))  # noqa: E731
+
+    spy = _LaunchSpy(monkeypatch)
+    kwargs = dict(stride=stride, padding=0, dilation=1)
+    inputs = (x, half(offset), half(mask), half(weight), half(bias))
+    out = deformcp.deform_conv2d(*inputs, **kwargs)
+    grads = deformcp.deform_conv2d_backward(half(grad_out), *inputs, **kwargs)
+    assert {bits for _, _, bits, _ in spy.launches} == {64}
+
+    # Sample (oy, ox) reads big rows oy*4096 - 1 .. oy*4096 + 2 (row -1 is outside and reads 0);
+    # the small image puts them at rows oy*4 .. oy*4 + 3, and the position one row further.
+    small = np.zeros((1, 1, 4 * out_size, 4 * out_size))
+    for oy in range(out_size):
+        for ox in range(out_size):
+            r, c = oy * stride - 1, ox * stride - 1
+            patch = cupy.asnumpy(x[0, 0, max(r, 0):r + 4, max(c, 0):c + 4]).astype(np.float64)
+            small[0, 0, 4 * oy + (r < 0):4 * oy + 4, 4 * ox + (c < 0):4 * ox + 4] = patch
+    wide = lambda a: a.astype(np.float16).astype(np.float64)  # noqa: E731
+    small_inputs = (small, wide(offset) + 1, wide(mask), wide(weight), wide(bias))
+    small_kwargs = dict(stride=4, padding=0, dilation=1)
+    expected = deformcp.deform_conv2d(*small_inputs, **small_kwargs)
+    expected_grads = deformcp.deform_conv2d_backward(wide(grad_out), *small_inputs, **small_kwargs)
+    tolerance = TOLERANCE["float16"]
+    assert relative_error(cupy.asnumpy(out), expected) <= tolerance
+    for name in ("grad_offset", "grad_mask", "grad_weight", "grad_bias"):
+        error = relative_error(cupy.asnumpy(getattr(grads, name)), getattr(expected_grads, name))
+        assert error <= tolerance, name
+    # grad_x: compare every neighbourhood, and check nothing landed anywhere else.
+    grad_x = grads.grad_x
+    assert grad_x.shape == x.shape and grad_x.dtype == cupy.float16
+    got, want = [], []
+    for oy in range(out_size):
+        for ox in range(out_size):
+            r, c = oy * stride - 1, ox * stride - 1
+            got.append(cupy.asnumpy(grad_x[0, 0, max(r, 0):r + 4, max(c, 0):c + 4]).ravel())
+            want.append(expected_grads.grad_x[0, 0, 4 * oy + (r < 0):4 * oy + 4, 4 * ox + (c < 0):4 * ox + 4].ravel())
+    got, want = np.concatenate(got), np.concatenate(want)
+    assert relative_error(got, want) <= tolerance
+    assert int(cupy.count_nonzero(grad_x)) == int(np.count_nonzero(got))
