@@ -185,8 +185,9 @@ def _geometry(
     extent = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
     if extent[0] > padded[0] or extent[1] > padded[1]:
         raise ValueError(
-            f"the dilated kernel ({extent[0]}x{extent[1]}) is larger than the padded input "
-            f"({padded[0]}x{padded[1]}); no output pixel fits"
+            f"the kernel ({kh}x{kw}) with dilation {dilation} spans {extent[0]}x{extent[1]}, larger than the "
+            f"padded input {padded[0]}x{padded[1]} (x's {height}x{width} with padding {padding}): "
+            "no output pixel fits"
         )
 
     _check_ndim(offset_shape, 4, "offset", "[B, 2*offset_groups*kh*kw, H_out, W_out]")
@@ -247,6 +248,7 @@ def conv_geometry(
     _check_ndim(weight_shape, 4, "weight", "[C_out, C/groups, kh, kw]")
     if bias_shape is not None:
         _check_ndim(bias_shape, 1, "bias", "[C_out]")
+    _check_positive(x_shape[1], "x.shape[1] (input channels)")
     out_channels, per_group, kh, kw = weight_shape
     _check_positive(out_channels, "weight.shape[0] (output channels)")
     _check_positive(per_group, "weight.shape[1] (input channels per group)")

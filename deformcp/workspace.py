@@ -16,6 +16,7 @@ image, so a limit below that row's need is exceeded rather than failing.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from dataclasses import dataclass
 from typing import Iterator, List
@@ -34,7 +35,9 @@ DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
 def _checked_limit(nbytes, source: str) -> int:
     try:
-        value = int(nbytes)
+        if isinstance(nbytes, bool):
+            raise TypeError
+        value = int(nbytes, 10) if isinstance(nbytes, str) else operator.index(nbytes)
     except (TypeError, ValueError):
         raise TypeError(f"{source} must be an integer number of bytes, got {nbytes!r}") from None
     if value < 1:
@@ -128,10 +131,10 @@ def plan_tiles(batch: int, out_h: int, out_w: int, bytes_per_pixel: int, bytes_p
     limit = get_workspace_limit() if limit is None else limit
     image_bytes = bytes_per_image + bytes_per_pixel * out_h * out_w
     if image_bytes <= limit and batch >= min_tiles:
-        per_tile = max(1, min(limit // max(image_bytes, 1), -(-batch // min_tiles)))
+        per_tile = max(1, min(limit // max(image_bytes, 1), batch // min_tiles))
         return [Tile(b, min(b + per_tile, batch), 0, out_h) for b in range(0, batch, per_tile)]
     row_bytes = bytes_per_pixel * out_w
     rows = max(1, (limit - bytes_per_image) // max(row_bytes, 1)) if limit > bytes_per_image else 1
     bands_wanted = -(-min_tiles // max(batch, 1))
-    rows = max(1, min(rows, -(-out_h // bands_wanted)))
+    rows = max(1, min(rows, out_h // bands_wanted))
     return [Tile(b, b + 1, r, min(r + rows, out_h)) for b in range(batch) for r in range(0, out_h, rows)]

@@ -107,9 +107,9 @@ CASES = [
     ("padding_bool", _with(padding=False), TypeError, r"\bpadding must be an int, got bool", True),
     # kernel larger than the padded input: the message names both sizes
     ("kernel_larger_than_input", _with(x=lambda a: a[:, :, :2, :2], padding=0), ValueError,
-     r"dilated kernel \(3x3\) is larger than the padded input \(2x2\)", True),
+     r"kernel \(3x3\) with dilation \(1, 1\) spans 3x3, larger than the padded input 2x2", True),
     ("dilated_kernel_larger_than_input", _with(dilation=(4, 1)), ValueError,
-     r"dilated kernel \(9x3\) is larger than the padded input \(8x7\)", True),
+     r"kernel \(3x3\) with dilation \(4, 1\) spans 9x3, larger than the padded input 8x7", True),
     # dtypes
     ("mixed_dtypes", _with(x=lambda a: a.astype(np.float32)), TypeError,
      r"must share one dtype, got .*x=float32, offset=float64", True),

@@ -95,6 +95,8 @@ class SamplingPlan:
         return scipy.sparse.csr_array((weights.ravel(), index.ravel(), indptr), shape=(rows, self.n_columns))
 
 
+# Non-finite offsets are defined behaviour (docs/semantics.md), not numerical accidents to warn about.
+@np.errstate(invalid="ignore")
 def _sampling_plan(geom: ConvGeometry, tile: Tile, offset: np.ndarray, mask: Optional[np.ndarray],
                    group: int, dtype: np.dtype, index_dtype) -> SamplingPlan:
     """Sampling plan of offset group ``group`` for the tile (offset and mask already cut to it)."""
@@ -336,7 +338,7 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt=_ALL_GRA
         grads["bias"] = grad_out.astype(cdt, copy=False).sum(axis=(0, 2, 3)).astype(x.dtype)
     if not (need_cols_grad or "weight" in wrt):
         return grads
-    grad_out_c = grad_out.astype(cdt, copy=False)
+    grad_out_c = np.ascontiguousarray(grad_out, dtype=cdt)  # _tile_view needs a reshapeable layout
 
     def run(tile: Tile):
         # (images, groups, Cout/g, pixels), a view of grad_out
@@ -383,6 +385,7 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt=_ALL_GRA
     return grads
 
 
+@np.errstate(invalid="ignore")
 def _coordinate_gradients(geom: ConvGeometry, tile: Tile, plan: SamplingPlan, xg: np.ndarray,
                           gcols: np.ndarray, group: int, grads: dict) -> None:
     """Gradients of offset and mask for one offset group of one tile, written into ``grads``.
@@ -413,5 +416,7 @@ def _coordinate_gradients(geom: ConvGeometry, tile: Tile, plan: SamplingPlan, xg
             both.transpose(0, 3, 4, 1, 2).reshape(tile.images, 2 * k, tile.out_rows, geom.out_w))
     if "mask" in grads:
         d_mask = np.einsum("nq,nq->n", plan.bilinear, s)
+        # An early-exit sample's value is 0 whatever its corners hold (s may read a NaN there).
+        d_mask[plan.outside] = 0
         grads["mask"][tile.batch, group * k:(group + 1) * k, rows] = d_mask.reshape(shape).transpose(0, 3, 1, 2)
 
