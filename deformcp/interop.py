@@ -72,21 +72,21 @@ class Call:
         return result if namespace is None else namespace().from_dlpack(result)
 
 
+# The array class of each library recognised by name; a library not yet imported has no arrays.
+_ARRAY_CLASSES = {"cupy": "ndarray", "torch": "Tensor", "jax": "Array"}
+
+
 def _kind(array) -> Optional[str]:
     """The library an array comes from, or None for something that is not an array."""
     if isinstance(array, np.ndarray):
         return "numpy"
-    for kind in ("cupy", "torch", "jax"):
+    for kind, class_name in _ARRAY_CLASSES.items():
         module = sys.modules.get(kind)
-        if module is not None and isinstance(array, _array_type(kind, module)):
+        if module is not None and isinstance(array, getattr(module, class_name)):
             return kind
     if hasattr(array, "__dlpack__") and hasattr(array, "__dlpack_device__"):
         return "dlpack"
     return None
-
-
-def _array_type(kind: str, module):
-    return {"cupy": lambda: module.ndarray, "torch": lambda: module.Tensor, "jax": lambda: module.Array}[kind]()
 
 
 def _device(name: str, array, kind: str) -> Tuple[int, int]:

@@ -23,7 +23,7 @@ torch.Size([1, 4, 8, 8])
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -10,7 +10,7 @@ import pytest
 
 import deformcp.jax as dj
 from deformcp import api
-from problems import EXAMPLE_SPECS, GRADIENT_NAMES, Spec, assert_close, assert_gradients_match, make_problem
+from problems import EXAMPLE_SPECS, GRADIENT_NAMES, assert_close, assert_gradients_match, make_problem
 import reference
 
 SPECS = {name: EXAMPLE_SPECS[name] for name in ("basic", "groups2_offset_groups2", "stride2", "asymmetric_padding",
@@ -48,14 +48,20 @@ def _vjp_all(arrays, grad_out, kwargs):
     return out, {name: by_index.get(i) for i, name in enumerate(GRADIENT_NAMES)}
 
 
+def _assert_gradients(grads, problem, dtype_name="float64"):
+    """``grads`` against the reference's on ``problem`` (the inputs as given, in float64)."""
+    exact = problem.astype(np.float64)
+    expected = reference.deform_conv2d_backward(exact.grad_out, *exact.inputs, **problem.spec.kwargs)
+    assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected, dtype_name)
+
+
 @pytest.mark.parametrize("spec", SPEC_PARAMS)
 def test_float64_values_and_gradients_against_reference(spec, rng, x64):
     problem = make_problem(spec, rng)
     out, grads = _vjp_all(_arrays(problem), jnp.asarray(problem.grad_out), spec.kwargs)
     assert out.dtype == jnp.float64
     assert_close(out, reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
-    expected = reference.deform_conv2d_backward(problem.grad_out, *problem.inputs, **spec.kwargs)
-    assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected)
+    _assert_gradients(grads, problem)
 
 
 @pytest.mark.parametrize("dtype, name", [(jnp.float32, "float32"), (jnp.bfloat16, "bfloat16")])
@@ -66,8 +72,7 @@ def test_low_precision_values_and_gradients(dtype, name, rng):
     out, grads = _vjp_all(_arrays(rounded), jnp.asarray(rounded.grad_out), spec.kwargs)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values() if g is not None)
     assert_close(np.asarray(out), reference.deform_conv2d(*exact.inputs, **spec.kwargs), name, "forward")
-    expected = reference.deform_conv2d_backward(exact.grad_out, *exact.inputs, **spec.kwargs)
-    assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected, name)
+    _assert_gradients(grads, rounded, name)
 
 
 def _record_calls(monkeypatch, name):
@@ -189,41 +194,34 @@ def _gpu_reason():
 GPU_REASON = _gpu_reason()
 
 
+def _check_in_place_path(rng, callback_target):
+    """Values, gradients and both vmap paths through ``buffer_callback``, whose lowering names ``callback_target``."""
+    spec = SPECS["groups2_offset_groups2"]
+    problem = make_problem(spec, rng)
+    arrays = _arrays(problem)
+    hlo = jax.jit(lambda *a: dj.deform_conv2d(*a, **spec.kwargs)).lower(*arrays).as_text()
+    assert callback_target in hlo
+    out, grads = _vjp_all(arrays, jnp.asarray(problem.grad_out), spec.kwargs)
+    assert out.devices() == arrays[0].devices()
+    assert_close(np.asarray(out), reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
+    _assert_gradients(grads, problem)
+    xs = jnp.stack([arrays[0], 2 * arrays[0]])
+    weights = jnp.stack([arrays[3], -arrays[3]])
+    f = lambda x, w: dj.deform_conv2d(x, arrays[1], arrays[2], w, arrays[4], **spec.kwargs)  # noqa: E731
+    assert_close(np.asarray(jax.vmap(f)(xs, weights)), np.asarray(_stack_of(f, xs, weights)), "float64", "vmap")
+    assert_close(np.asarray(jax.vmap(f, in_axes=(0, None))(xs, arrays[3])),
+                 np.asarray(_stack_of(f, xs, [arrays[3]] * 2)), "float64", "folded vmap")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))
 def test_gpu_runs_on_device_buffers(rng, x64):
     # With CuPy present the lowered program uses the device-buffer callback, not a host callback.
     pytest.importorskip("cupy", reason="CuPy is needed for the device-buffer path")
-    spec = SPECS["groups2_offset_groups2"]
-    problem = make_problem(spec, rng)
-    arrays = _arrays(problem)
-    hlo = jax.jit(lambda *a: dj.deform_conv2d(*a, **spec.kwargs)).lower(*arrays).as_text()
-    assert "xla_buffer_python_gpu_callback" in hlo
-    out, grads = _vjp_all(arrays, jnp.asarray(problem.grad_out), spec.kwargs)
-    assert out.devices() == arrays[0].devices()
-    assert_close(np.asarray(out), reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
-    expected = reference.deform_conv2d_backward(problem.grad_out, *problem.inputs, **spec.kwargs)
-    assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected)
-    xs = jnp.stack([arrays[0], 2 * arrays[0]])
-    f = lambda x: dj.deform_conv2d(x, *arrays[1:], **spec.kwargs)  # noqa: E731
-    assert_close(np.asarray(jax.vmap(f)(xs)), np.asarray(_stack_of(f, xs)), "float64", "vmap on the GPU")
+    _check_in_place_path(rng, "xla_buffer_python_gpu_callback")
 
 
 def test_in_place_buffer_path_on_the_cpu(rng, monkeypatch, x64):
     # The path CUDA takes (buffer_callback, results written into XLA's buffers), run on the CPU with NumPy.
     monkeypatch.setattr(dj, "_IN_PLACE_PLATFORMS", ("cpu",))
-    spec = SPECS["groups2_offset_groups2"]
-    problem = make_problem(spec, rng)
-    arrays = _arrays(problem)
-    hlo = jax.jit(lambda *a: dj.deform_conv2d(*a, **spec.kwargs)).lower(*arrays).as_text()
-    assert "xla_buffer_python_cpu_callback" in hlo
-    out, grads = _vjp_all(arrays, jnp.asarray(problem.grad_out), spec.kwargs)
-    assert_close(out, reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
-    expected = reference.deform_conv2d_backward(problem.grad_out, *problem.inputs, **spec.kwargs)
-    assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected)
-    xs = jnp.stack([arrays[0], 2 * arrays[0]])
-    weights = jnp.stack([arrays[3], -arrays[3]])
-    f = lambda x, w: dj.deform_conv2d(x, arrays[1], arrays[2], w, arrays[4], **spec.kwargs)  # noqa: E731
-    assert_close(jax.vmap(f)(xs, weights), _stack_of(f, xs, weights), "float64", "vmap")
-    assert_close(jax.vmap(f, in_axes=(0, None))(xs, arrays[3]), _stack_of(f, xs, [arrays[3]] * 2), "float64",
-                 "folded vmap")
+    _check_in_place_path(rng, "xla_buffer_python_cpu_callback")
