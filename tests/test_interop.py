@@ -50,15 +50,15 @@ def _run_all(convert, problem):
     )
 
 
-def _check_all(results, expected, to_numpy, dtype_name, check_type):
-    check_type(results["forward"])
+def _check_all(results, expected, to_numpy, dtype_name, is_result):
+    """Every result passes ``is_result`` (type, dtype, device) and matches the reference."""
+    grads = dict(zip(GRADIENT_NAMES, results["backward"]))
+    for what, r in (("forward", results["forward"]), ("im2col", results["im2col"]),
+                    *((f"grad_{n}", g) for n, g in grads.items())):
+        assert is_result(r), f"{what}: {type(r).__module__}.{type(r).__qualname__} {getattr(r, 'dtype', None)}"
     assert_close(to_numpy(results["forward"]), expected["forward"], dtype_name, "forward")
-    check_type(results["im2col"])
     assert_close(to_numpy(results["im2col"]).reshape(expected["im2col"].shape), expected["im2col"], dtype_name,
                  "im2col")
-    grads = dict(zip(GRADIENT_NAMES, results["backward"]))
-    for g in grads.values():
-        check_type(g)
     assert_gradients_match({n: to_numpy(g) for n, g in grads.items()}, expected["backward"], dtype_name)
 
 
@@ -99,7 +99,7 @@ def test_read_only_view_of_a_jax_array(problem):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_round_trip(problem, dtype):
     def check(r):
-        assert r is None or (isinstance(r, torch.Tensor) and r.dtype == dtype and r.device.type == "cpu")
+        return isinstance(r, torch.Tensor) and r.dtype == dtype and r.device.type == "cpu"
 
     results = _run_all(lambda a: torch.from_numpy(a).to(dtype), problem)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -159,7 +159,7 @@ def test_torch_bfloat16_round_trip(problem):
             assert view.ctypes.data == tensor.data_ptr(), f"{name} was copied"
 
     def check(r):
-        assert isinstance(r, torch.Tensor) and r.dtype == torch.bfloat16
+        return isinstance(r, torch.Tensor) and r.dtype == torch.bfloat16
 
     results = _run_all(lambda a: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16), rounded)
     _check_all(results, _expected(rounded.astype(np.float64)), _torch_numpy, "bfloat16", check)
@@ -189,7 +189,7 @@ def test_jax_round_trip(problem):
     device = jax.devices("cpu")[0]
 
     def check(r):
-        assert isinstance(r, jax.Array) and r.dtype == jnp.float32 and r.devices() == {device}
+        return isinstance(r, jax.Array) and r.dtype == jnp.float32 and r.devices() == {device}
 
     _check_all(_run_all(lambda a: jax.device_put(a, device), p32), _expected(problem), np.asarray, "float32",
                check)
@@ -204,7 +204,7 @@ def test_jax_inputs_are_not_copied(problem):
 
 def test_jax_bfloat16_round_trip(problem):
     def check(r):
-        assert isinstance(r, jax.Array) and r.dtype == jnp.bfloat16
+        return isinstance(r, jax.Array) and r.dtype == jnp.bfloat16
 
     rounded = problem.astype(ml_dtypes.bfloat16)
     results = _run_all(jnp.asarray, rounded)
@@ -352,10 +352,12 @@ def test_torch_cuda_round_trip_on_a_side_stream(problem, dtype, monkeypatch):
         # Produced on the side stream, consumed with no synchronisation: the order must come from the protocol.
         tensors = [None if a is None else torch.from_numpy(a).to("cuda", dtype) * 1 for a in problem.inputs]
         out = deformcp.deform_conv2d(*tensors, **problem.spec.kwargs)
-        result = out.float().cpu()
+        result = out.double().cpu()
     assert seen == [side.cuda_stream]
     assert isinstance(out, torch.Tensor) and out.device == tensors[0].device and out.dtype == dtype
-    assert_close(result.numpy(), _expected(problem)["forward"], "float32" if dtype == torch.float32 else "bfloat16")
+    rounded = [None if t is None else t.double().cpu().numpy() for t in tensors]
+    expected = reference.deform_conv2d(*rounded, **problem.spec.kwargs)
+    assert_close(result.numpy(), expected, "float32" if dtype == torch.float32 else "bfloat16")
 
 
 @pytest.mark.gpu
@@ -382,7 +384,7 @@ def test_jax_cuda_round_trip(problem):
     device = jax.devices("gpu")[0]
 
     def check(r):
-        assert isinstance(r, jax.Array) and r.devices() == {device}
+        return isinstance(r, jax.Array) and r.devices() == {device}
 
     p32 = problem.astype(np.float32)
     _check_all(_run_all(lambda a: jax.device_put(a, device), p32), _expected(problem), np.asarray, "float32", check)
