@@ -16,22 +16,16 @@ __global__ void deform_col2im_kernel(index_t n, const dcn::acc_t<scalar_t>* __re
                                      DCN_GEOMETRY_PARAMS(index_t)) {
     using acc = dcn::acc_t<scalar_t>;
     const dcn::Geometry<index_t> g = DCN_GEOMETRY(index_t);
-    const index_t tile_pixels = g.tile_pixels();
     const index_t points = g.kernel_points();
     DCN_GRID_STRIDE_LOOP(index_t, idx, n) {
-        const index_t p = idx % tile_pixels;
-        const index_t k = (idx / tile_pixels) % points;
-        const index_t c = (idx / (tile_pixels * points)) % g.channels;
-        const index_t image = idx / (tile_pixels * points * g.channels);
-        const index_t b = g.batch_start + image;
-        const index_t oy = g.row_start + p / g.out_w;
-        const index_t ox = p % g.out_w;
+        const dcn::TileItem<index_t> t(g, idx, g.channels, points);
+        const index_t c = t.outer;
         const index_t group = c / g.channels_per_offset_group();
-        const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, b, group, k, oy, ox);
+        const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, t.b, group, t.k, t.oy, t.ox);
         if (dcn::outside(s.y, s.x, g.height, g.width) || isnan(s.y) || isnan(s.x)) continue;
-        const acc grad = s.mask * grad_columns[image * g.col_batch_stride + (c * points + k) * g.col_row_stride + p];
+        const acc grad = s.mask * grad_columns[g.column_at(t.image, c * points + t.k, t.p)];
         const dcn::Cell<acc, index_t> cell(s.y, s.x, g.height, g.width);
-        acc* plane = grad_input + (b * g.channels + c) * g.height * g.width;
+        acc* plane = grad_input + (t.b * g.channels + c) * g.height * g.width;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             if (cell.inside[q]) dcn::atomic_accumulate<scalar_t>(plane + cell.index[q], cell.weight(q) * grad);

@@ -21,25 +21,19 @@ __global__ void deform_col2im_coord_kernel(index_t n, const dcn::acc_t<scalar_t>
                                            DCN_GEOMETRY_PARAMS(index_t)) {
     using acc = dcn::acc_t<scalar_t>;
     const dcn::Geometry<index_t> g = DCN_GEOMETRY(index_t);
-    const index_t tile_pixels = g.tile_pixels();
     const index_t points = g.kernel_points();
     const index_t per_group = g.channels_per_offset_group();
     DCN_GRID_STRIDE_LOOP(index_t, idx, n) {
-        const index_t p = idx % tile_pixels;
-        const index_t k = (idx / tile_pixels) % points;
-        const index_t group = (idx / (tile_pixels * points)) % g.offset_groups;
-        const index_t image = idx / (tile_pixels * points * g.offset_groups);
-        const index_t b = g.batch_start + image;
-        const index_t oy = g.row_start + p / g.out_w;
-        const index_t ox = p % g.out_w;
-        const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, b, group, k, oy, ox);
+        const dcn::TileItem<index_t> t(g, idx, g.offset_groups, points);
+        const index_t group = t.outer;
+        const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, t.b, group, t.k, t.oy, t.ox);
         const dcn::Cell<acc, index_t> cell(s.y, s.x, g.height, g.width);
 
         acc sum[4] = {acc(0), acc(0), acc(0), acc(0)};
         for (index_t cc = 0; cc < per_group; ++cc) {
             const index_t c = group * per_group + cc;
-            const acc grad = grad_columns[image * g.col_batch_stride + (c * points + k) * g.col_row_stride + p];
-            const scalar_t* plane = input + (b * g.channels + c) * g.height * g.width;
+            const acc grad = grad_columns[g.column_at(t.image, c * points + t.k, t.p)];
+            const scalar_t* plane = input + (t.b * g.channels + c) * g.height * g.width;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 if (cell.inside[q]) sum[q] += dcn::load(plane + cell.index[q]) * grad;

@@ -76,6 +76,32 @@ struct Geometry {
     __device__ __forceinline__ index_t out_pixels() const { return out_h * out_w; }
     __device__ __forceinline__ index_t tile_pixels() const { return tile_rows * out_w; }
     __device__ __forceinline__ index_t channels_per_offset_group() const { return channels / offset_groups; }
+    // Index of column-matrix element (image of the tile, row c*K + k, tile pixel).
+    __device__ __forceinline__ index_t column_at(index_t image, index_t row, index_t pixel) const {
+        return image * col_batch_stride + row * col_row_stride + pixel;
+    }
+};
+
+// Where work item `idx` of a tile is, the items being enumerated as
+// (image, outer, k, tile pixel): `outer` runs over `outer_count` channels or
+// offset groups, k over `points` kernel points (1 for a thread that does them all).
+template <typename index_t>
+struct TileItem {
+    index_t image, b, outer, k, p, oy, ox;
+
+    __device__ __forceinline__ TileItem(const Geometry<index_t>& g, index_t idx, index_t outer_count,
+                                        index_t points) {
+        const index_t pixels = g.tile_pixels();
+        p = idx % pixels;
+        idx /= pixels;
+        k = idx % points;
+        idx /= points;
+        outer = idx % outer_count;
+        image = idx / outer_count;
+        b = g.batch_start + image;
+        oy = g.row_start + p / g.out_w;
+        ox = p % g.out_w;
+    }
 };
 
 // Grid-stride loop over [0, n); the launcher guarantees that i + stride cannot

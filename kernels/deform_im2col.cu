@@ -14,20 +14,15 @@ __global__ void deform_im2col_kernel(index_t n, const scalar_t* __restrict__ inp
                                      dcn::acc_t<scalar_t>* __restrict__ columns,
                                      DCN_GEOMETRY_PARAMS(index_t)) {
     const dcn::Geometry<index_t> g = DCN_GEOMETRY(index_t);
-    const index_t tile_pixels = g.tile_pixels();
     const index_t points = g.kernel_points();
     DCN_GRID_STRIDE_LOOP(index_t, idx, n) {
-        const index_t p = idx % tile_pixels;
-        const index_t c = (idx / tile_pixels) % g.channels;
-        const index_t image = idx / (tile_pixels * g.channels);
-        const index_t b = g.batch_start + image;
-        const index_t oy = g.row_start + p / g.out_w;
-        const index_t ox = p % g.out_w;
+        const dcn::TileItem<index_t> t(g, idx, g.channels, 1);
+        const index_t c = t.outer;
         const index_t group = c / g.channels_per_offset_group();
-        const scalar_t* plane = input + (b * g.channels + c) * g.height * g.width;
-        dcn::acc_t<scalar_t>* out = columns + image * g.col_batch_stride + c * points * g.col_row_stride + p;
+        const scalar_t* plane = input + (t.b * g.channels + c) * g.height * g.width;
+        dcn::acc_t<scalar_t>* out = columns + g.column_at(t.image, c * points, t.p);
         for (index_t k = 0; k < points; ++k) {
-            const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, b, group, k, oy, ox);
+            const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, t.b, group, k, t.oy, t.ox);
             // A NaN mask poisons even an outside sample (mask * 0), as in torchvision.
             out[k * g.col_row_stride] = s.mask * dcn::bilinear(plane, g.height, g.width, s.y, s.x);
         }

@@ -26,6 +26,9 @@ EMULATION_DIR = Path(__file__).resolve().parent
 _HELPER_FILES = ("cuda_emulation.h", "cuda_fp16.h", "cuda_bf16.h", "launcher.h")
 CXX_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas")
 MAX_PARAMETERS = 64
+# Compile errors by library path: a broken kernel is reported once per session, not
+# recompiled for every hypothesis example.
+_failures: dict = {}
 
 
 def compiler() -> Optional[str]:
@@ -99,6 +102,8 @@ def build(source: str, expressions: Tuple[str, ...]) -> Path:
     library = directory / f"{digest.hexdigest()[:32]}.so"
     if library.exists():
         return library
+    if library in _failures:
+        raise RuntimeError(_failures[library])
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         cpp = Path(scratch) / "kernels.cpp"
         cpp.write_text(text)
@@ -106,7 +111,8 @@ def build(source: str, expressions: Tuple[str, ...]) -> Path:
         command = [cxx, *CXX_FLAGS, f"-I{EMULATION_DIR}", "-include", "cuda_emulation.h", str(cpp), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"emulation build failed: {' '.join(command)}\n{result.stderr}")
+            _failures[library] = f"emulation build failed: {' '.join(command)}\n{result.stderr}"
+            raise RuntimeError(_failures[library])
         os.replace(built, library)  # atomic: concurrent test workers never see half a library
     return library
 
