@@ -10,6 +10,11 @@ deform_im2col
     The sampled column matrix, a building block for other DCN variants.
 get_workspace_limit, set_workspace_limit, workspace_limit
     The scratch-space limit every backend tiles its work under.
+deformcp.torch, deformcp.jax
+    Framework adapters with autograd (import them explicitly); see docs/torch.md, docs/jax.md.
+
+Inputs may be NumPy or CuPy arrays, or any DLPack array (PyTorch, JAX, ...);
+results come back as ``x``'s array type on ``x``'s device (docs/interop.md).
 """
 
 from .api import Gradients, deform_conv2d, deform_conv2d_backward, deform_im2col
