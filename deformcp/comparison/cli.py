@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -135,6 +136,18 @@ def _measure_memory(case: dict, peers: List[str], args) -> None:
         case["memory"][name] = forward_peak_memory(name, case["shape"], args.seed)
 
 
+def _deformcp_version() -> str:
+    """The version, and the git commit when deformcp runs from a checkout (figures are tied to code)."""
+    from .. import __version__
+
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__} ({commit})" if commit else __version__
+
+
 def _settings(args, peers: List[str], left_out: Dict[str, str], cases: List[dict]) -> dict:
     described = {}
     for case in cases:
@@ -143,6 +156,7 @@ def _settings(args, peers: List[str], left_out: Dict[str, str], cases: List[dict
     methods = {m.get("method") for c in cases for m in c.get("memory", {}).values() if "method" in m}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "deformcp": _deformcp_version(),
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}, "
                    f"Python {platform.python_version()}",
         "cpu_threads": cpu_threads(), "device": args.device, "dtype": "float32",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from .. import deform_conv2d, deform_conv2d_backward
 from .runner import FORWARD, TRAINING, PeerUnavailable, Runner
 from .shapes import BenchShape, Inputs
-from .threads import numpy_blas_name, numpy_blas_threads
+from .threads import cpu_threads, numpy_blas_name, numpy_blas_threads
 
 NAME = "deformcp"
 TASKS = (FORWARD, TRAINING)
@@ -42,9 +43,10 @@ def prepare(task: str, shape: BenchShape, inputs: Inputs, device: str) -> Runner
 
         arrays = inputs
         blas_threads = numpy_blas_threads()
+        tile_threads = os.environ.get("DEFORMCP_NUM_THREADS") or f"unset (all {cpu_threads()} CPUs)"
         settings = (f"NumPy on {numpy_blas_name()}, "
                     f"{'unknown' if blas_threads is None else blas_threads} BLAS threads; "
-                    "scipy.sparse products single-threaded")
+                    f"tiles on DEFORMCP_NUM_THREADS={tile_threads}, each tile's sparse products on one")
         fetch = lambda outputs: tuple(np.asarray(a) for a in outputs)  # noqa: E731
         synchronize = None
     else:

@@ -67,9 +67,9 @@ def format_summary(record: dict) -> str:
         verdict = "" if not target else ("met" if target["met"] else "NOT MET")
         lines.append(f"{case['task']:<10}{case['shape']:<28}{cells}{verdict:>10}")
     settings = record["settings"]
-    lines.append(f"\nmachine: {settings['machine']}; {settings['cpu_threads']} CPU threads available to this "
-                 f"process; device {settings['device']}; warm-up {settings['warmup']}, "
-                 f"median of {settings['repeats']} interleaved runs")
+    lines.append(f"\ndeformcp {settings.get('deformcp', '?')}; machine: {settings['machine']}; "
+                 f"{settings['cpu_threads']} CPU threads available to this process; device {settings['device']}; "
+                 f"warm-up {settings['warmup']}, median of {settings['repeats']} interleaved runs")
     for name, text in settings["peers"].items():
         lines.append(f"  {name}: {text}")
     if settings.get("memory_method"):
