@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each peer per case (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
+    parser.add_argument("--settle", type=float, default=0.2,
+                        help="seconds to pause before each timed run, so that the previous peer's worker "
+                             "threads stop spinning (default 0.2)")
     parser.add_argument("--out", type=Path, default=Path("deformcp-bench"),
                         help="folder for the JSON and PNG (default ./deformcp-bench)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -114,7 +117,8 @@ def _run_case(shape: BenchShape, task: str, peers: List[str], args, inputs) -> d
     del reference
 
     _progress(f"  timing {', '.join(runners)}: warm-up {args.warmup}, {args.repeats} runs")
-    timings = time_interleaved(runners, args.warmup, args.repeats, progress=lambda m: _progress(f"    {m}"))
+    timings = time_interleaved(runners, args.warmup, args.repeats, args.settle,
+                               progress=lambda m: _progress(f"    {m}"))
     ours = timings[REFERENCE].median
     for name, timing in timings.items():
         entry = {"settings": runners[name].settings, **timing.as_dict(), "ratio": ours / timing.median}
@@ -160,7 +164,8 @@ def _settings(args, peers: List[str], left_out: Dict[str, str], cases: List[dict
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}, "
                    f"Python {platform.python_version()}",
         "cpu_threads": cpu_threads(), "device": args.device, "dtype": "float32",
-        "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "tolerance": args.tolerance,
+        "warmup": args.warmup, "repeats": args.repeats, "settle_s": args.settle, "seed": args.seed,
+        "tolerance": args.tolerance,
         "peers": described, "left_out": left_out,
         "memory_method": "; ".join(sorted(methods)) if methods else None,
     }
@@ -169,8 +174,8 @@ def _settings(args, peers: List[str], left_out: Dict[str, str], cases: List[dict
 def main(argv: List[str]) -> int:
     """Run the comparison; return 0, or 1 if any peer disagreed with deformcp beyond tolerance."""
     args = _parser().parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        _parser().error("--repeats must be at least 1 and --warmup at least 0")
+    if args.repeats < 1 or args.warmup < 0 or args.settle < 0:
+        _parser().error("--repeats must be at least 1, --warmup and --settle at least 0")
     try:
         shapes = _shapes(args.shapes)
     except KeyError as error:

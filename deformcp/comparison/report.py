@@ -69,7 +69,8 @@ def format_summary(record: dict) -> str:
     settings = record["settings"]
     lines.append(f"\ndeformcp {settings.get('deformcp', '?')}; machine: {settings['machine']}; "
                  f"{settings['cpu_threads']} CPU threads available to this process; device {settings['device']}; "
-                 f"warm-up {settings['warmup']}, median of {settings['repeats']} interleaved runs")
+                 f"warm-up {settings['warmup']}, median of {settings['repeats']} interleaved runs, "
+                 f"{settings.get('settle_s', 0)} s pause before each")
     for name, text in settings["peers"].items():
         lines.append(f"  {name}: {text}")
     if settings.get("memory_method"):

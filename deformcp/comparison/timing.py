@@ -2,9 +2,12 @@
 
 The runners of one case are timed in turns (run 1 of each, then run 2 of each,
 ...), with the starting runner rotating, so that drift in the machine's speed
-(frequency, other load) falls on all of them alike.  Garbage collection is off
-inside a timed call, as in :mod:`timeit`.  A device runner's time ends only after
-it has synchronised.
+(frequency, other load) falls on all of them alike.  Each timed run starts after
+a pause (``settle``): the libraries' worker threads keep spinning for a while
+after a call (OpenBLAS's for about 0.1 s), and without the pause they would slow
+down whichever peer runs next (ONNX Runtime ran 2x slower right after deformcp).
+Garbage collection is off inside a timed call, as in :mod:`timeit`.  A device
+runner's time ends only after it has synchronised.
 """
 
 from __future__ import annotations
@@ -53,9 +56,15 @@ def _timed(runner: Runner) -> float:
             gc.enable()
 
 
-def time_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int,
+def time_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int, settle: float = 0.2,
                      progress: Optional[Callable[[str], None]] = None) -> Dict[str, Timing]:
-    """Warm each runner up ``warmup`` times, then time ``repeats`` runs of each, interleaved."""
+    """Warm each runner up ``warmup`` times, then time ``repeats`` runs of each, interleaved.
+
+    Parameters
+    ----------
+    settle : float
+        Seconds to wait before each timed run, for other threads to go idle.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     names = list(runners)
@@ -68,5 +77,6 @@ def time_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int,
             progress(f"run {turn + 1}/{repeats}")
         rotation = names[turn % len(names):] + names[:turn % len(names)]
         for name in rotation:
+            time.sleep(settle)
             samples[name].append(_timed(runners[name]))
     return {name: Timing(samples[name]) for name in names}
