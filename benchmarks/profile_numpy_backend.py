@@ -128,6 +128,12 @@ def _profile(operation, shape_name: str, repeats: int, top: int) -> None:
         source = linecache.getline(BACKEND_FILE, line).strip()
         print(f"{1e3 * per_call:8.1f} {100 * per_call / traced:6.1f}% {1e3 * timer.inclusive[key] / repeats:8.1f}  "
               f"{f'{function}:{line}':<30} {source[:100]}")
+    by_function = defaultdict(float)
+    for (function, _), total in timer.self.items():
+        by_function[function] += total / repeats
+    print("self ms by function: " + ", ".join(
+        f"{function} {1e3 * total:.1f}" for function, total in sorted(by_function.items(), key=lambda i: -i[1])
+        if total >= 0.0005))
 
 
 def main(argv):
