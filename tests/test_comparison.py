@@ -14,8 +14,8 @@ import pytest
 
 from deformcp.comparison import cli
 from deformcp.comparison.agreement import compare_outputs, relative_error
-from deformcp.comparison.peers import peer_module
-from deformcp.comparison.runner import FORWARD, OUTPUT_NAMES, TRAINING
+from deformcp.comparison.peers import peer_module, prepare_runner
+from deformcp.comparison.runner import FORWARD, OUTPUT_NAMES, TRAINING, PeerUnavailable
 from deformcp.comparison.shapes import TINY, make_inputs
 
 CPU_PEERS = [(name, task) for name in ("onnxruntime", "openvino", "grid_sample") for task in (FORWARD, TRAINING)
@@ -34,7 +34,7 @@ def tiny_inputs():
 
 
 def _outputs(name, task, inputs):
-    runner = peer_module(name).prepare(task, TINY, inputs, "cpu")
+    runner = prepare_runner(name, task, TINY, inputs, "cpu")
     return runner.fetch(runner())
 
 
@@ -113,3 +113,14 @@ def test_bench_fails_loudly_on_disagreement(tmp_path, capsys, monkeypatch):
     assert status == 1
     assert "DISAGREEMENT: onnxruntime forward tiny out" in captured.err
     assert "DISAGREES" in captured.out
+
+
+def test_prepare_runner_refuses_a_task_the_peer_does_not_run(tiny_inputs):
+    _require("openvino")
+    with pytest.raises(PeerUnavailable, match="does not run training"):
+        prepare_runner("openvino", TRAINING, TINY, tiny_inputs, "cpu")
+
+
+def test_prepare_runner_refuses_torchvision_on_the_cpu(tiny_inputs):
+    with pytest.raises(PeerUnavailable, match="CUDA device only"):
+        prepare_runner("torchvision", FORWARD, TINY, tiny_inputs, "cpu")

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from .agreement import DEFAULT_TOLERANCE, compare_outputs
 from .memory import forward_peak_memory
-from .peers import PEER_MODULES, REFERENCE, peer_module
+from .peers import PEER_MODULES, REFERENCE, peer_module, prepare_runner
 from .report import format_case, format_summary, plot_ratios, write_json
 from .runner import FORWARD, TASKS, TRAINING, PeerUnavailable
 from .shapes import SHAPES, TARGET_SHAPES, TINY, BenchShape, make_inputs, shape_named
@@ -93,12 +93,11 @@ def _run_case(shape: BenchShape, task: str, peers: List[str], args, inputs) -> d
             "peers": {}, "skipped": {}}
     runners = {}
     for name in peers:
-        module = peer_module(name)
-        if task not in module.TASKS:
+        if task not in peer_module(name).TASKS:
             continue
         _progress(f"  preparing {name}")
         try:
-            runners[name] = module.prepare(task, shape, inputs, args.device)
+            runners[name] = prepare_runner(name, task, shape, inputs, args.device)
         except PeerUnavailable as reason:
             case["skipped"][name] = str(reason)
     if REFERENCE not in runners:

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from .. import deform_conv2d, deform_conv2d_backward
-from .runner import FORWARD, TRAINING, PeerUnavailable, Runner
+from .runner import FORWARD, TRAINING, Runner
 from .shapes import BenchShape, Inputs
 from .threads import cpu_threads, numpy_blas_name, numpy_blas_threads
 
@@ -50,9 +50,7 @@ def prepare(task: str, shape: BenchShape, inputs: Inputs, device: str) -> Runner
         fetch = lambda outputs: tuple(np.asarray(a) for a in outputs)  # noqa: E731
         synchronize = None
     else:
-        cupy, reason = _cupy_or_reason()
-        if cupy is None:
-            raise PeerUnavailable(reason)
+        cupy = _cupy_or_reason()[0]
         arrays = Inputs(*(cupy.asarray(getattr(inputs, f)) for f in Inputs.__dataclass_fields__))
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         settings = f"CuPy {cupy.__version__} on {props['name'].decode()}"

@@ -52,12 +52,12 @@ def _reset_high_water_mark() -> bool:
 
 
 def _measure(peer: str, shape_name: str, seed: int) -> dict:
-    from .peers import peer_module
+    from .peers import prepare_runner
     from .runner import FORWARD
     from .shapes import make_inputs, shape_named
 
     shape = shape_named(shape_name)
-    runner = peer_module(peer).prepare(FORWARD, shape, make_inputs(shape, seed, with_grad_out=False), "cpu")
+    runner = prepare_runner(peer, FORWARD, shape, make_inputs(shape, seed, with_grad_out=False), "cpu")
     gc.collect()
     before_kib = _status_kib("VmRSS")
     if before_kib is not None and _reset_high_water_mark():

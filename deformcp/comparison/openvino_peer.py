@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .runner import FORWARD, PeerUnavailable, Runner
+from .runner import FORWARD, Runner
 from .shapes import BenchShape, Inputs
 from .threads import cpu_threads
 
@@ -56,11 +56,6 @@ def _model(shape: BenchShape, weight: np.ndarray, bias: np.ndarray):
 
 def prepare(task: str, shape: BenchShape, inputs: Inputs, device: str) -> Runner:
     """A compiled model and one infer request; inputs are shared with OpenVINO, not copied."""
-    reason = missing(device)
-    if reason:
-        raise PeerUnavailable(reason)
-    if task != FORWARD:
-        raise PeerUnavailable("OpenVINO runs inference only")
     import openvino
 
     threads = cpu_threads()

@@ -10,9 +10,11 @@ Every peer module provides
     Why it cannot run on ``device`` (``"cpu"`` or ``"gpu"``), or ``None`` if it can.
     Must not raise, and should be cheap.
 ``prepare(task, shape, inputs, device) -> Runner``
-    Builds everything the timed call needs; raises
-    :class:`~.runner.PeerUnavailable` for a case it does not support.
+    Builds everything the timed call needs, for a task in ``TASKS`` on a device
+    where ``missing`` found nothing; raises :class:`~.runner.PeerUnavailable` for
+    a geometry it does not support.
 
+Callers go through :func:`prepare_runner`, which checks the first two.
 Importing this module imports none of the peers' libraries.
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["PEER_MODULES", "REFERENCE", "peer_module"]
+from .runner import PeerUnavailable, Runner
+
+__all__ = ["PEER_MODULES", "REFERENCE", "peer_module", "prepare_runner"]
 
 # deformcp itself is listed first: every other peer's outputs are compared with its.
 REFERENCE = "deformcp"
@@ -47,3 +51,21 @@ def peer_module(name: str) -> ModuleType:
     except KeyError:
         raise KeyError(f"unknown peer {name!r}; known: {', '.join(PEER_MODULES)}") from None
     return importlib.import_module(f"{__package__}.{module}")
+
+
+def prepare_runner(name: str, task: str, shape, inputs, device: str) -> Runner:
+    """The peer called ``name``, prepared for ``task`` on ``shape`` and ``inputs`` on ``device``.
+
+    Raises
+    ------
+    PeerUnavailable
+        If the peer's library or device is missing, it does not run ``task``, or it
+        does not support the geometry; the message says which.
+    """
+    module = peer_module(name)
+    reason = module.missing(device)
+    if reason:
+        raise PeerUnavailable(reason)
+    if task not in module.TASKS:
+        raise PeerUnavailable(f"{name} does not run {task} (only {', '.join(module.TASKS)})")
+    return module.prepare(task, shape, inputs, device)

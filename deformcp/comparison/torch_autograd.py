@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .runner import FORWARD, PeerUnavailable, Runner
+from .runner import FORWARD, Runner
 from .shapes import Inputs
 from .threads import cpu_threads
 
@@ -37,9 +37,6 @@ def torch_runner(task: str, inputs: Inputs, device: str, conv: Callable, library
     with all five inputs requiring gradients and ``backward(grad_out)``, as a training
     step does, clearing the gradients before each run.
     """
-    reason = torch_missing(device)
-    if reason:
-        raise PeerUnavailable(reason)
     import torch
 
     where = "cuda" if device == "gpu" else "cpu"

@@ -27,9 +27,6 @@ def missing(device: str) -> Optional[str]:
 
 def prepare(task: str, shape: BenchShape, inputs: Inputs, device: str) -> Runner:
     """torchvision's operator on CUDA tensors of the inputs."""
-    reason = missing(device)
-    if reason:
-        raise PeerUnavailable(reason)
     top, left, bottom, right = shape.padding
     if (top, left) != (bottom, right):
         raise PeerUnavailable(f"torchvision pads symmetrically; padding {shape.padding} is not")
