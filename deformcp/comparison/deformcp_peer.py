@@ -45,7 +45,8 @@ def prepare(task: str, shape: BenchShape, inputs: Inputs, device: str) -> Runner
         blas_threads = numpy_blas_threads()
         tile_threads = os.environ.get("DEFORMCP_NUM_THREADS") or f"unset (all {cpu_threads()} CPUs)"
         settings = (f"NumPy on {numpy_blas_name()}, "
-                    f"{'unknown' if blas_threads is None else blas_threads} BLAS threads; "
+                    f"{'unknown' if blas_threads is None else blas_threads} BLAS threads in this process "
+                    f"(the backend may hold BLAS lower while its tiles run, see docs/cpu.md); "
                     f"tiles on DEFORMCP_NUM_THREADS={tile_threads}, each tile's sparse products on one")
         fetch = lambda outputs: tuple(np.asarray(a) for a in outputs)  # noqa: E731
         synchronize = None
