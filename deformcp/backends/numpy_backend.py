@@ -54,52 +54,53 @@ class SamplingPlan:
 
     Attributes
     ----------
-    corner_index : ndarray of int, shape (N, 4)
-        Row of the stacked channels-last tile input each corner reads; the image's
-        zero pixel where the corner lies outside the image.
+    index : ndarray of int, shape (N, 4)
+        Row of the stacked channels-last tile input each corner reads: the image's
+        zero pixel where the corner lies outside the image or the sample outside
+        ``(-1, H) x (-1, W)`` (the early exit), so that a non-finite value on the
+        border does not leak into a sample torchvision never reads.
     bilinear : ndarray, shape (N, 4)
-        Bilinear weights, without the mask; 0 where the sample lies outside
-        ``(-1, H) x (-1, W)`` or the corner outside the image; NaN where the
-        sampling position is NaN.
+        Bilinear weights, without the mask; 0 where ``index`` is the zero pixel;
+        NaN where the sampling position is NaN.
+    coordinate_index : ndarray of int, shape (N, 4), or None
+        Like ``index`` but without the early exit, for the coordinate gradient,
+        which reads the corners on the lines ``py = -1`` and ``px = -1`` too.
+        Only computed when asked for.
     frac_y, frac_x : ndarray, shape (N,)
         ``py - floor(py)`` and ``px - floor(px)``, for the coordinate gradient.
     mask : ndarray, shape (N,), or None
     outside : ndarray of bool, shape (N,)
-        Samples that read nothing (the early exit of the bilinear interpolation).
-    zero_pixel : ndarray of int, shape (N,)
-        Index of the zero pixel of each sample's image.
+        Samples that take the early exit.
     n_columns : int
         Rows of the stacked channels-last tile input.
     """
 
-    corner_index: np.ndarray
+    index: np.ndarray
     bilinear: np.ndarray
+    coordinate_index: Optional[np.ndarray]
     frac_y: np.ndarray
     frac_x: np.ndarray
     mask: Optional[np.ndarray]
     outside: np.ndarray
-    zero_pixel: np.ndarray
     n_columns: int
 
     @functools.cached_property
     def operator(self) -> scipy.sparse.csr_array:
         """The sparse sampling matrix ``S`` (rows: samples, columns: stacked input pixels).
 
-        Outside samples read the zero pixel, so that a non-finite input value on the
-        border of the image does not leak into a sample that torchvision never reads.
-        A NaN mask still poisons them, as torchvision's ``mask * 0`` does.
+        The mask multiplies the weights after the early exit zeroed them, so a NaN mask
+        still poisons an outside sample, as torchvision's ``mask * 0`` does.
         """
-        index = np.where(self.outside[:, None], self.zero_pixel[:, None], self.corner_index)
         weights = self.bilinear if self.mask is None else self.bilinear * self.mask[:, None]
-        rows = index.shape[0]
-        indptr = np.arange(0, 4 * rows + 1, 4, dtype=index.dtype)
-        return scipy.sparse.csr_array((weights.ravel(), index.ravel(), indptr), shape=(rows, self.n_columns))
+        rows = self.index.shape[0]
+        indptr = np.arange(0, 4 * rows + 1, 4, dtype=self.index.dtype)
+        return scipy.sparse.csr_array((weights.ravel(), self.index.ravel(), indptr), shape=(rows, self.n_columns))
 
 
 # Non-finite offsets are defined behaviour (docs/semantics.md), not numerical accidents to warn about.
 @np.errstate(invalid="ignore")
 def _sampling_plan(geom: ConvGeometry, tile: Tile, offset: np.ndarray, mask: Optional[np.ndarray],
-                   group: int, dtype: np.dtype, index_dtype) -> SamplingPlan:
+                   group: int, dtype: np.dtype, index_dtype, coordinate_index: bool) -> SamplingPlan:
     """Sampling plan of offset group ``group`` for the tile (offset and mask already cut to it)."""
     kh, kw, k = geom.kernel_h, geom.kernel_w, geom.kernel_points
     height, width = geom.height, geom.width
@@ -125,33 +126,42 @@ def _sampling_plan(geom: ConvGeometry, tile: Tile, offset: np.ndarray, mask: Opt
     frac_y = py - y0
     frac_x = px - x0
     outside = (py <= -1) | (py >= height) | (px <= -1) | (px >= width)
-
-    # Integer corner coordinates, clamped so that NaN and huge values cast safely;
-    # a clamped value is always outside the image, so it is never read.
-    y0i = np.clip(np.nan_to_num(y0, nan=-2.0), -2, height).astype(index_dtype)
-    x0i = np.clip(np.nan_to_num(x0, nan=-2.0), -2, width).astype(index_dtype)
-    y_in = ((y0i >= 0) & (y0i < height), (y0i >= -1) & (y0i < height - 1))
-    x_in = ((x0i >= 0) & (x0i < width), (x0i >= -1) & (x0i < width - 1))
+    keep = ~outside
+    # Clamped, huge and infinite positions cast safely and stay outside the image.  A NaN
+    # position casts to an arbitrary integer; its weights are NaN, so the sample is NaN
+    # whichever pixel it names.
+    y0i = np.clip(y0, -2, height + 1).astype(index_dtype)
+    x0i = np.clip(x0, -2, width + 1).astype(index_dtype)
+    unsigned = np.dtype(index_dtype).str.replace("i", "u")
+    # One unsigned comparison tests 0 <= v < n.
+    y_in = (y0i.view(unsigned) < height, (y0i + 1).view(unsigned) < height)
+    x_in = (x0i.view(unsigned) < width, (x0i + 1).view(unsigned) < width)
 
     pixels = height * width
     image_base = (np.arange(images, dtype=index_dtype) * (pixels + 1)).repeat(rows * cols * k)
     zero_pixel = image_base + pixels
     top_left = image_base + y0i * width + x0i
-    corner_index = np.empty((py.size, 4), dtype=index_dtype)
-    weights = np.empty((py.size, 4), dtype=dtype)
+    n = py.size
+    index = np.empty((n, 4), dtype=index_dtype)
+    coord = np.empty((n, 4), dtype=index_dtype) if coordinate_index else None
+    bilinear = np.empty((n, 4), dtype=dtype)
     wy = (1 - frac_y, frac_y)
     wx = (1 - frac_x, frac_x)
     for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         inside = y_in[a] & x_in[b]
-        corner_index[:, q] = np.where(inside, top_left + (a * width + b), zero_pixel)
-        # Multiplying by the flag (not selecting) keeps a NaN position NaN.
-        weights[:, q] = wy[a] * wx[b] * inside
-    weights[outside] = 0
+        read = inside & keep
+        corner = top_left + (a * width + b)
+        index[:, q] = np.where(read, corner, zero_pixel)
+        if coord is not None:
+            coord[:, q] = np.where(inside, corner, zero_pixel)
+        # Multiplying by the flag (not selecting) keeps a NaN position NaN ...
+        bilinear[:, q] = wy[a] * wx[b] * inside
+    # ... unless the other coordinate takes the early exit, which is an exact 0.
+    bilinear[outside] = 0
     flat_mask = None
     if mask is not None:
         flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
-    return SamplingPlan(corner_index, weights, frac_y, frac_x, flat_mask, outside, zero_pixel,
-                        images * (pixels + 1))
+    return SamplingPlan(index, bilinear, coord, frac_y, frac_x, flat_mask, outside, images * (pixels + 1))
 
 
 class _Call:
@@ -198,10 +208,11 @@ class _Call:
         out[:, :, :self.pixels] = x[tile.batch].reshape(tile.images, g, cg, self.pixels).transpose(1, 0, 3, 2)
         return out.reshape(g, tile.images * (self.pixels + 1), cg)
 
-    def plans(self, tile: Tile, offset: np.ndarray, mask: Optional[np.ndarray]) -> List[SamplingPlan]:
+    def plans(self, tile: Tile, offset: np.ndarray, mask: Optional[np.ndarray],
+              coordinate_index: bool = False) -> List[SamplingPlan]:
         off = offset[tile.batch, :, tile.rows]
         msk = None if mask is None else mask[tile.batch, :, tile.rows]
-        return [_sampling_plan(self.geom, tile, off, msk, g, self.cdt, self.index_dtype)
+        return [_sampling_plan(self.geom, tile, off, msk, g, self.cdt, self.index_dtype, coordinate_index)
                 for g in range(self.geom.offset_groups)]
 
     def columns(self, xl: np.ndarray, plans: List[SamplingPlan], tile: Tile) -> np.ndarray:
@@ -359,7 +370,7 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt=_ALL_GRA
         # (images, groups, Cout/g, pixels), a view of grad_out
         go = _tile_view(grad_out_c, tile, geom.groups)
         xl = call.channels_last(x, tile)
-        plans = call.plans(tile, offset, mask)
+        plans = call.plans(tile, offset, mask, coordinate_index=bool(wrt & {"offset", "mask"}))
         gw = gx = None
         if "weight" in wrt:
             cols = call.per_group(call.columns(xl, plans, tile), tile)
@@ -416,7 +427,7 @@ def _coordinate_gradients(geom: ConvGeometry, tile: Tile, plan: SamplingPlan, xg
     block = max(1, _CORNER_BLOCK_BYTES // (4 * xg.shape[1] * xg.itemsize))
     for start in range(0, n, block):
         rows_ = slice(start, min(start + block, n))
-        np.einsum("nqc,nc->nq", xg[plan.corner_index[rows_]], gcols[rows_], out=s[rows_])
+        np.einsum("nqc,nc->nq", xg[plan.coordinate_index[rows_]], gcols[rows_], out=s[rows_])
     shape = (tile.images, tile.out_rows, geom.out_w, k)
     rows = tile.rows
     if "offset" in grads:
