@@ -174,6 +174,8 @@ class _Call:
         self.pixels = geom.height * geom.width
         # scipy's sparse products are fastest with 32-bit indices; 64-bit only when a count needs it.
         self.index_dtype = np.int32
+        self._lock = threading.Lock()
+        self._inputs: dict = {}
         if weight is not None:
             # weight[o, c, i, j] -> per group (C_out/g, K*C/g), columns ordered (k, c) like the columns
             self.wmat = (weight.astype(self.cdt, copy=False).transpose(0, 2, 3, 1)
@@ -200,7 +202,21 @@ class _Call:
         return tiles
 
     def channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
-        """The tile's images as ``(G, images * (H*W + 1), C/G)``; the last pixel of each image is zero."""
+        """The tile's images as ``(G, images * (H*W + 1), C/G)``; the last pixel of each image is zero.
+
+        Row bands of one image share one copy: the first band to ask makes it, and it is
+        dropped once the tiles have moved past that image (tiles come in batch order).
+        """
+        key = (tile.batch_start, tile.batch_stop)
+        with self._lock:
+            entry = self._inputs.get(key)
+            if entry is None:
+                for old in [k for k in self._inputs if k[1] <= tile.batch_start]:
+                    del self._inputs[old]
+                entry = self._inputs[key] = _Lazy(lambda: self._channels_last(x, tile))
+        return entry.get()
+
+    def _channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
         geom = self.geom
         g, cg = geom.offset_groups, geom.channels_per_offset_group
         out = np.empty((g, tile.images, self.pixels + 1, cg), dtype=self.cdt)
@@ -244,6 +260,21 @@ class _Call:
             return grouped.reshape(-1, k, geom.in_channels)
         split = grouped.reshape(grouped.shape[0], geom.groups, -1, k, cc).transpose(0, 2, 3, 1, 4)
         return np.ascontiguousarray(split).reshape(-1, k, geom.in_channels)
+
+
+class _Lazy:
+    """A value computed once, by the first thread that asks; the others wait for it."""
+
+    def __init__(self, make: Callable[[], np.ndarray]):
+        self._make = make
+        self._lock = threading.Lock()
+        self._value: Optional[np.ndarray] = None
+
+    def get(self) -> np.ndarray:
+        with self._lock:
+            if self._value is None:
+                self._value = self._make()
+            return self._value
 
 
 def _tile_view(array: np.ndarray, tile: Tile, groups: int) -> np.ndarray:
