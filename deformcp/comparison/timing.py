@@ -2,12 +2,18 @@
 
 The runners of one case are timed in turns (run 1 of each, then run 2 of each,
 ...), with the starting runner rotating, so that drift in the machine's speed
-(frequency, other load) falls on all of them alike.  Each timed run starts after
-a pause (``settle``): the libraries' worker threads keep spinning for a while
-after a call (OpenBLAS's for about 0.1 s), and without the pause they would slow
+(frequency, other load) falls on all of them alike.
+
+Each timed run is preceded by a pause (``settle``) and one untimed run of the
+same runner.  The pause lets the previous peer's worker threads stop: they keep
+spinning for a while after a call (OpenBLAS's for about 0.1 s) and would slow
 down whichever peer runs next (ONNX Runtime ran 2x slower right after deformcp).
-Garbage collection is off inside a timed call, as in :mod:`timeit`.  A device
-runner's time ends only after it has synchronised.
+The untimed run then brings the runner back to the state it has in a loop of
+calls (its threads awake, its memory mapped): after a pause alone, deformcp's
+forward on b8_c64_64x64 took 51-53 ms against 38-47 ms back to back.  So every
+figure is a peer's steady-state time with the machine to itself.  Garbage
+collection is off inside a timed call, as in :mod:`timeit`.  A device runner's
+time ends only after it has synchronised.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ def time_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int, sett
     Parameters
     ----------
     settle : float
-        Seconds to wait before each timed run, for other threads to go idle.
+        Seconds to wait before each timed run (and its untimed run), for other
+        threads to go idle.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -78,5 +85,6 @@ def time_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int, sett
         rotation = names[turn % len(names):] + names[:turn % len(names)]
         for name in rotation:
             time.sleep(settle)
+            runners[name]()
             samples[name].append(_timed(runners[name]))
     return {name: Timing(samples[name]) for name in names}
