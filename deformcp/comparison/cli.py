@@ -130,7 +130,7 @@ def _run_case(shape: BenchShape, task: str, peers: List[str], args, inputs) -> d
     return case
 
 
-def _measure_memory(case: dict, peers: List[str], args) -> None:
+def _measure_memory(case: dict, args) -> None:
     if args.no_memory or args.device != "cpu" or case["task"] != FORWARD:
         return
     case["memory"] = {}
@@ -151,7 +151,7 @@ def _deformcp_version() -> str:
     return f"{__version__} ({commit})" if commit else __version__
 
 
-def _settings(args, peers: List[str], left_out: Dict[str, str], cases: List[dict]) -> dict:
+def _settings(args, left_out: Dict[str, str], cases: List[dict]) -> dict:
     described = {}
     for case in cases:
         for name, entry in case["peers"].items():
@@ -194,11 +194,11 @@ def main(argv: List[str]) -> int:
         for task in tasks:
             _progress(f"[{len(cases) + 1}/{total}] {task} {shape.name} ({shape.label})")
             case = _run_case(shape, task, peers, args, inputs)
-            _measure_memory(case, peers, args)
+            _measure_memory(case, args)
             cases.append(case)
             print(format_case(case) + "\n", flush=True)
 
-    record = {"settings": _settings(args, peers, left_out, cases), "cases": cases}
+    record = {"settings": _settings(args, left_out, cases), "cases": cases}
     print(format_summary(record))
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"comparison-{args.device}.json", args.out / f"comparison-{args.device}.png"
