@@ -38,7 +38,6 @@ from .cuda_kernels import get_kernel
 
 __all__ = ["forward", "backward", "im2col"]
 
-_ALL_GRADIENTS = frozenset({"x", "offset", "mask", "weight", "bias"})
 _THREADS_PER_BLOCK = 256
 # Enough resident blocks to fill every multiprocessor; the grid-stride loops do the rest.
 _BLOCKS_PER_MULTIPROCESSOR = 8
@@ -172,7 +171,7 @@ def im2col(geom: ConvGeometry, x, offset, mask):
     return out
 
 
-def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt=_ALL_GRADIENTS) -> dict:
+def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
     """The gradients named in ``wrt`` on CuPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
     Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.

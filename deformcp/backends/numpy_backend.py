@@ -41,7 +41,6 @@ from ..workspace import Tile, get_workspace_limit, plan_tiles
 
 __all__ = ["forward", "backward", "im2col"]
 
-_ALL_GRADIENTS = frozenset({"x", "offset", "mask", "weight", "bias"})
 _CORNER_BLOCK_BYTES = 1 << 20
 
 
@@ -377,7 +376,7 @@ def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
     return out.reshape(geom.columns_shape)
 
 
-def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt=_ALL_GRADIENTS) -> dict:
+def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
     """The gradients named in ``wrt`` on NumPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
     Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
