@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformcp
-from deformcp.backends import numpy_backend
+from deformcp.backends import numpy_backend, numpy_sampling
+from deformcp.geometry import conv_geometry
 from deformcp.workspace import DEFAULT_WORKSPACE_BYTES, Tile, plan_tiles
 from problems import GRADIENT_NAMES, Spec, make_problem, relative_error, run_backward, run_forward, run_im2col
 
@@ -79,18 +80,81 @@ def test_row_bands_equal_untiled(spec, operation, threads, rng, monkeypatch, rec
 @pytest.mark.parametrize("spec", SPECS)
 def test_batch_tiles_equal_untiled(spec, operation, threads, rng, monkeypatch, recorded_plans):
     problem = make_problem(spec, rng)
-    untiled, (batch, out_h, out_w, per_pixel, per_image) = _untiled(problem, operation, monkeypatch, recorded_plans)
-    # A limit that holds two whole images per tile (the backend shares the limit among its threads).
-    image_bytes = per_image + per_pixel * out_h * out_w
+    untiled, _ = _untiled(problem, operation, monkeypatch, recorded_plans)
+    # One-row chunks, and a limit that holds them and two whole images per tile
+    # (the backend shares the limit among its threads).
+    monkeypatch.setattr(numpy_backend, "_CHUNK_SAMPLES", 1)
+    per_pixel, per_image = _scratch_bytes(problem, operation)
+    chunk_bytes = per_pixel * spec.out_size[1]
     monkeypatch.setenv("DEFORMCP_NUM_THREADS", threads)
-    with deformcp.workspace_limit(2 * image_bytes * int(threads)):
+    with deformcp.workspace_limit((2 * per_image + chunk_bytes) * int(threads)):
         tiled = OPERATIONS[operation](problem)
     (_, tiles), = recorded_plans
     # Two images fit a tile; with two threads, min_tiles=2 splits the 3 images so each thread has one.
     expected = [(0, 2), (2, 3)] if threads == "1" else [(0, 1), (1, 2), (2, 3)]
     assert [(t.batch_start, t.batch_stop) for t in tiles] == expected
-    assert all((t.row_start, t.row_stop) == (0, out_h) for t in tiles)
+    assert all((t.row_start, t.row_stop) == (0, spec.out_size[0]) for t in tiles)
     _assert_same(tiled, untiled)
+
+
+@pytest.fixture
+def recorded_chunks(monkeypatch):
+    """Every chunk the CPU backend walks: a list of Tiles."""
+    chunks = []
+    original = numpy_backend._Call.chunks
+
+    def spy(self, tile):
+        result = original(self, tile)
+        chunks.extend(result)
+        return result
+
+    monkeypatch.setattr(numpy_backend._Call, "chunks", spy)
+    return chunks
+
+
+@pytest.mark.parametrize("chunk_images", [False, True], ids=["row-chunks", "image-chunks"])
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize("spec", SPECS)
+def test_chunks_equal_untiled(spec, operation, chunk_images, rng, monkeypatch, recorded_plans, recorded_chunks):
+    problem = make_problem(spec, rng)
+    untiled, _ = _untiled(problem, operation, monkeypatch, recorded_plans)
+    assert len(recorded_chunks) == 1, "the baseline must be a single chunk"
+    recorded_chunks.clear()
+    out_h, out_w = spec.out_size
+    k = spec.kernel[0] * spec.kernel[1] * spec.offset_groups
+    # Samples for two output rows of one image, or for two whole images.
+    monkeypatch.setattr(numpy_backend, "_CHUNK_SAMPLES", 2 * k * out_w * (out_h if chunk_images else 1))
+    with deformcp.workspace_limit(2**40):
+        chunked = OPERATIONS[operation](problem)
+    if chunk_images:
+        assert [(c.batch_start, c.batch_stop) for c in recorded_chunks] == [(0, 2), (2, 3)]
+    else:
+        assert all(c.images == 1 and c.out_rows <= 2 for c in recorded_chunks)
+        assert len(recorded_chunks) == spec.batch * -(-out_h // 2)
+    _assert_same(chunked, untiled)
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize("spec", SPECS)
+def test_public_sparse_operator_fallback_equals_kernels(spec, operation, rng, monkeypatch):
+    # SciPy's private CSR/CSC kernels are used where they exist; the public operator must give
+    # the same results should a SciPy release move them.
+    problem = make_problem(spec, rng)
+    monkeypatch.setattr(numpy_backend, "_CHUNK_SAMPLES", 1)
+    direct = OPERATIONS[operation](problem)
+    monkeypatch.setattr(numpy_sampling, "_csr_matvecs", None)
+    monkeypatch.setattr(numpy_sampling, "_csc_matvecs", None)
+    fallback = OPERATIONS[operation](problem)
+    _assert_same(fallback, direct)
+
+
+def _scratch_bytes(problem, operation):
+    """The CPU backend's (bytes per chunk pixel, bytes per tile image) for ``operation`` on ``problem``."""
+    shape = lambda a: None if a is None else a.shape  # noqa: E731
+    geom = conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
+                         shape(problem.bias), **problem.spec.kwargs)
+    call = numpy_backend._Call(geom, problem.x.dtype, None)
+    return call.scratch_bytes(backward=operation == "backward")
 
 
 def test_limit_below_one_row_still_works(rng, monkeypatch, recorded_plans):
