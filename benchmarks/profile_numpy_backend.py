@@ -1,7 +1,7 @@
 """Where the CPU backend spends its time, line by line: ``python benchmarks/profile_numpy_backend.py``.
 
 A deterministic line timer (``sys.settrace``) over the frames of
-``deformcp/backends/numpy_backend.py``: each line's wall time, *inclusive* of the
+``deformcp/backends/numpy_backend.py`` and ``numpy_sampling.py``: each line's wall time, *inclusive* of the
 functions it calls (NumPy, SciPy, BLAS, and the backend's own helpers, whose lines
 are listed too).  Whole-array NumPy operations hold no Python lines of their own,
 so a line's time is the time of the operations on it; tracing adds a few
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 import deformcp
-from deformcp.backends import numpy_backend
+from deformcp.backends import numpy_backend, numpy_sampling
 from deformcp.comparison.shapes import SHAPES, TARGET_SHAPES, make_inputs
 
-BACKEND_FILE = str(Path(numpy_backend.__file__).resolve())
+BACKEND_FILES = frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_sampling))
 SERIAL_VARIABLE = "DEFORMCP_NUM_THREADS"
 
 
@@ -39,8 +39,8 @@ class LineTimer:
     self times add up to the whole call and show where the time really goes.
     """
 
-    def __init__(self, filename: str):
-        self.filename = filename
+    def __init__(self, filenames: frozenset):
+        self.filenames = filenames
         self.inclusive = defaultdict(float)
         self.self = defaultdict(float)
         self._line = {}      # frame -> (line, start time, time spent in traced callees so far)
@@ -49,7 +49,7 @@ class LineTimer:
     def _close_line(self, frame, now):
         line = self._line.pop(frame, None)
         if line is not None:
-            key = (frame.f_code.co_name, line[0])
+            key = (frame.f_code.co_filename, frame.f_code.co_name, line[0])
             self.inclusive[key] += now - line[1]
             self.self[key] += now - line[1] - line[2]
 
@@ -70,7 +70,7 @@ class LineTimer:
         return self._local
 
     def _global(self, frame, event, arg):
-        if frame.f_code.co_filename != self.filename:
+        if frame.f_code.co_filename not in self.filenames:
             return None
         self._entered[frame] = time.perf_counter()
         return self._local
@@ -110,7 +110,7 @@ def _profile(operation, shape_name: str, repeats: int, top: int) -> None:
     os.environ[SERIAL_VARIABLE] = "1"
     try:
         serial = _median_seconds(call, repeats)
-        timer = LineTimer(BACKEND_FILE)
+        timer = LineTimer(BACKEND_FILES)
         traced = _median_seconds(lambda: timer.run(call), repeats)
     finally:
         if previous is None:
@@ -123,13 +123,13 @@ def _profile(operation, shape_name: str, repeats: int, top: int) -> None:
     print(f"{'self ms':>8} {'% call':>7} {'incl ms':>8}  {'function:line':<30} source")
     ranked = sorted(timer.self.items(), key=lambda item: -item[1])[:top]
     for key, total in ranked:
-        function, line = key
+        filename, function, line = key
         per_call = total / repeats
-        source = linecache.getline(BACKEND_FILE, line).strip()
+        source = linecache.getline(filename, line).strip()
         print(f"{1e3 * per_call:8.1f} {100 * per_call / traced:6.1f}% {1e3 * timer.inclusive[key] / repeats:8.1f}  "
               f"{f'{function}:{line}':<30} {source[:100]}")
     by_function = defaultdict(float)
-    for (function, _), total in timer.self.items():
+    for (_, function, _), total in timer.self.items():
         by_function[function] += total / repeats
     print("self ms by function: " + ", ".join(
         f"{function} {1e3 * total:.1f}" for function, total in sorted(by_function.items(), key=lambda i: -i[1])

@@ -136,6 +136,18 @@ def test_chunks_equal_untiled(spec, operation, chunk_images, rng, monkeypatch, r
 
 @pytest.mark.parametrize("operation", list(OPERATIONS))
 @pytest.mark.parametrize("spec", SPECS)
+def test_blocked_channels_last_copy_equals_untiled(spec, operation, rng, monkeypatch, recorded_plans):
+    # The channels-last copy goes in blocks of (pixels, channels); blocks smaller than the
+    # image and the channels, with ragged edges, must give the same copy.
+    problem = make_problem(spec, rng)
+    untiled, _ = _untiled(problem, operation, monkeypatch, recorded_plans)
+    monkeypatch.setattr(numpy_backend, "_TRANSPOSE_BLOCK", (5, 3))
+    with deformcp.workspace_limit(2**40):
+        _assert_same(OPERATIONS[operation](problem), untiled)
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize("spec", SPECS)
 def test_public_sparse_operator_fallback_equals_kernels(spec, operation, rng, monkeypatch):
     # SciPy's private CSR/CSC kernels are used where they exist; the public operator must give
     # the same results should a SciPy release move them.
