@@ -374,7 +374,10 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
             plans = call.plans(tile, chunk, offset, mask, coordinate_index=coordinates)
             if gw is not None:
                 cols = call.per_group(call.columns(xl, plans, scratch), chunk)
-                gw += np.matmul(go, cols.transpose(1, 0, 2, 3)).sum(axis=0)
+                if chunk.images == 1:
+                    gw += np.matmul(go[0], cols[:, 0])
+                else:
+                    gw += np.matmul(go, cols.transpose(1, 0, 2, 3)).sum(axis=0)
             if not need_cols_grad:
                 continue
             grad_cols = call.gradient_columns(go, scratch)  # the columns are no longer needed
@@ -387,18 +390,29 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
                     plan.scatter_add(gcols, gx[g])
                 if coordinates:
                     _coordinate_gradients(geom, chunk, plan, xl[g], gcols, g, grads)
+        if gx is not None and whole_images:
+            # No other tile touches these images: the worker writes them, in parallel.
+            grad_x[tile.batch] = nchw(gx, tile)
+            gx = None
         return tile, gx, gw
 
-    grad_x = np.zeros(geom.x_shape, dtype=cdt) if "x" in wrt else None
+    def nchw(gx: np.ndarray, tile: Tile) -> np.ndarray:
+        """A tile's channels-last ``grad_x`` without the zero pixels, as an NCHW view."""
+        part = gx.reshape(geom.offset_groups, tile.images, call.pixels + 1, cg)[:, :, :call.pixels]
+        return part.transpose(1, 0, 3, 2).reshape(tile.images, geom.in_channels, geom.height, geom.width)
+
+    # Bands of rows of one image add up their grad_x in tile order (so the sum does not depend
+    # on thread timing); tiles of whole images write theirs directly, in x's dtype.
+    whole_images = all(t.out_rows == geom.out_h for t in tiles)
+    grad_x = None
+    if "x" in wrt:
+        grad_x = np.empty(geom.x_shape, dtype=x.dtype) if whole_images else np.zeros(geom.x_shape, dtype=cdt)
     grad_w = np.zeros_like(call.wmat) if "weight" in wrt else None
-    pixels = call.pixels
     for tile, gx, gw in _map_tiles(run, tiles):
         if gw is not None:
             grad_w += gw
         if gx is not None:
-            part = gx.reshape(geom.offset_groups, tile.images, pixels + 1, cg)[:, :, :pixels]
-            grad_x[tile.batch] += part.transpose(1, 0, 3, 2).reshape(
-                tile.images, geom.in_channels, geom.height, geom.width)
+            grad_x[tile.batch] += nchw(gx, tile)
     if grad_x is not None:
         grads["x"] = grad_x.astype(x.dtype, copy=False)
     if grad_w is not None:
