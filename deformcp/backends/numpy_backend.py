@@ -80,8 +80,9 @@ class _Call:
         geom, s = self.geom, self.cdt.itemsize
         k, c = geom.kernel_points, geom.in_channels
         # Per chunk pixel: the plan's indices, weights, fractions and their temporaries; the
-        # columns and a per-group copy of them.  Backward: gradient columns and a per-group copy.
-        per_pixel = k * geom.offset_groups * (8 * 8 + 8 * s) + 2 * k * c * s
+        # columns and a per-group copy of them; the forward's product.  Backward: gradient
+        # columns and a per-group copy.
+        per_pixel = k * geom.offset_groups * (8 * 8 + 8 * s) + 2 * k * c * s + geom.out_channels * s
         # Per tile image: the channels-last copy; backward: its gradient.
         per_image = (self.pixels + 1) * c * s
         if backward:
@@ -285,24 +286,26 @@ def forward(geom: ConvGeometry, x, offset, mask, weight, bias) -> np.ndarray:
     """Deformable convolution on NumPy arrays; see :func:`deformcp.deform_conv2d`."""
     call = _Call(geom, x.dtype, weight)
     out = np.empty(geom.out_shape, dtype=x.dtype)
-    bias_c = None if bias is None else bias.astype(call.cdt, copy=False).reshape(
-        geom.groups, geom.out_channels_per_group, 1)
-    direct = call.cdt == out.dtype
+    groups, cout = geom.groups, geom.out_channels_per_group
+    bias_c = None if bias is None else bias.astype(call.cdt, copy=False).reshape(groups, 1, 1, cout)
+    # (groups, 1, K*C/g, Cout/g): the same weight for every image of a chunk
+    weight_t = call.wmat.transpose(0, 2, 1)[:, None]
     tiles = call.tiles(backward=False)
 
     def run(tile: Tile) -> None:
         xl = call.channels_last(x, tile)
         scratch = call.scratch(geom.kernel_points * geom.in_channels)
+        result = call.scratch(geom.out_channels)
         for chunk in call.chunks(tile):
             cols = call.per_group(call.columns(xl, call.plans(tile, chunk, offset, mask), scratch), chunk)
-            target = _tile_view(out, chunk, geom.groups)  # (images, groups, Cout/g, pixels), a view
-            # (groups, Cout/g, K*C/g) @ (images, groups, K*C/g, pixels) -> (images, groups, Cout/g, pixels):
-            # BLAS reads the transposed columns in place and writes NCHW directly.
-            y = np.matmul(call.wmat, cols.transpose(1, 0, 3, 2), out=target if direct else None)
+            # Pixels as the rows of the product: (groups, images, pixels, K*C/g) @ (groups, 1, K*C/g, Cout/g).
+            # With C_out as the rows instead, OpenBLAS ran at 56 GFLOP/s rather than 88 for C_out=32;
+            # the transposed copy into NCHW costs less than that (forward 13-19% faster at C = 32-64).
+            y = result[:cols.size // cols.shape[-1] * cout].reshape(*cols.shape[:3], cout)
+            np.matmul(cols, weight_t, out=y)
             if bias_c is not None:
                 y += bias_c
-            if not direct:
-                target[...] = y
+            _tile_view(out, chunk, groups)[...] = y.transpose(1, 0, 3, 2)
 
     for _ in _map_tiles(run, tiles):
         pass
