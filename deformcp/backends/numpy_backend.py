@@ -40,7 +40,7 @@ from threadpoolctl import ThreadpoolController
 from ..dtypes import compute_dtype
 from ..geometry import ConvGeometry
 from ..workspace import Tile, get_workspace_limit, plan_tiles
-from .numpy_sampling import SamplingPlan, sampling_plan
+from .numpy_sampling import SamplingPlan, padded_grid, sampling_plan
 
 __all__ = ["forward", "backward", "im2col"]
 
@@ -63,7 +63,8 @@ class _Call:
         self.geom = geom
         self.dtype = np.dtype(dtype)
         self.cdt = compute_dtype(dtype)
-        self.pixels = geom.height * geom.width
+        grid_rows, grid_cols = padded_grid(geom)
+        self.grid_pixels = grid_rows * grid_cols  # per image in the channels-last copy
         # scipy's sparse kernels are fastest with 32-bit indices; 64-bit only when a count needs it.
         self.index_dtype = np.int32
         self.chunk_rows = 1
@@ -84,7 +85,7 @@ class _Call:
         # columns and a per-group copy.
         per_pixel = k * geom.offset_groups * (8 * 8 + 8 * s) + 2 * k * c * s + geom.out_channels * s
         # Per tile image: the channels-last copy; backward: its gradient.
-        per_image = (self.pixels + 1) * c * s
+        per_image = self.grid_pixels * c * s
         if backward:
             per_pixel += 2 * k * c * s
             per_image *= 2
@@ -108,7 +109,7 @@ class _Call:
         tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, 0, per_image,
                            limit=max(1, limit - chunk_bytes), min_tiles=workers)
         int32_max = np.iinfo(np.int32).max
-        if any(t.images * (self.pixels + 1) >= int32_max for t in tiles) or \
+        if any(t.images * self.grid_pixels >= int32_max for t in tiles) or \
                 self.chunk_rows * w * samples * 4 >= int32_max:
             self.index_dtype = np.int64
         return tiles
@@ -134,7 +135,7 @@ class _Call:
         return np.empty(pixels * per_pixel_values, dtype=self.cdt)
 
     def channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
-        """The tile's images as ``(G, images * (H*W + 1), C/G)``; the last pixel of each image is zero.
+        """The tile's images channels-last on their zero-bordered grids, ``(G, images * grid pixels, C/G)``.
 
         Row bands of one image share one copy: the first band to ask makes it, and it is
         dropped once the tiles have moved past that image (tiles come in batch order).
@@ -151,21 +152,29 @@ class _Call:
     def _channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
         geom = self.geom
         g, cg = geom.offset_groups, geom.channels_per_offset_group
-        out = np.empty((g, tile.images, self.pixels + 1, cg), dtype=self.cdt)
-        out[:, :, self.pixels] = 0
-        _blocked_copy(out[:, :, :self.pixels],
-                      x[tile.batch].reshape(tile.images, g, cg, self.pixels).transpose(1, 0, 3, 2))
-        return out.reshape(g, tile.images * (self.pixels + 1), cg)
+        out = np.empty((g, tile.images, *padded_grid(geom), cg), dtype=self.cdt)
+        out[:, :, [0, -1]] = 0
+        out[:, :, 1:-1, [0, -1]] = 0
+        _blocked_copy(out[:, :, 1:-1, 1:-1],
+                      x[tile.batch].reshape(tile.images, g, cg, geom.height, geom.width).transpose(1, 0, 3, 4, 2))
+        return out.reshape(g, tile.images * self.grid_pixels, cg)
+
+    def image_view(self, stacked: np.ndarray, tile: Tile) -> np.ndarray:
+        """Inverse of :meth:`channels_last` for a tile: ``(images, offset groups, C/offset groups, H, W)``,
+        a view without the border."""
+        geom = self.geom
+        grid = stacked.reshape(geom.offset_groups, tile.images, *padded_grid(geom), geom.channels_per_offset_group)
+        return grid[:, :, 1:-1, 1:-1].transpose(1, 0, 4, 2, 3)
 
     def plans(self, tile: Tile, chunk: Tile, offset: np.ndarray, mask: Optional[np.ndarray],
-              coordinate_index: bool = False) -> List[SamplingPlan]:
+              coordinate_corner: bool = False) -> List[SamplingPlan]:
         """The sampling plan of every offset group for ``chunk``, indexing the channels-last copy of ``tile``."""
         off = offset[chunk.batch, :, chunk.rows]
         msk = None if mask is None else mask[chunk.batch, :, chunk.rows]
         return [sampling_plan(self.geom, off, msk, g, row_start=chunk.row_start,
                               first_image=chunk.batch_start - tile.batch_start,
-                              n_columns=tile.images * (self.pixels + 1), dtype=self.cdt,
-                              index_dtype=self.index_dtype, coordinate_index=coordinate_index)
+                              n_columns=tile.images * self.grid_pixels, dtype=self.cdt,
+                              index_dtype=self.index_dtype, coordinate_corner=coordinate_corner)
                 for g in range(self.geom.offset_groups)]
 
     def columns(self, xl: np.ndarray, plans: List[SamplingPlan], scratch: np.ndarray) -> np.ndarray:
@@ -374,7 +383,7 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
         scratch = call.scratch(k * geom.in_channels)
         for chunk in call.chunks(tile):
             go = _tile_view(grad_out_c, chunk, geom.groups)  # (images, groups, Cout/g, pixels), a view
-            plans = call.plans(tile, chunk, offset, mask, coordinate_index=coordinates)
+            plans = call.plans(tile, chunk, offset, mask, coordinate_corner=coordinates)
             if gw is not None:
                 cols = call.per_group(call.columns(xl, plans, scratch), chunk)
                 if chunk.images == 1:
@@ -395,14 +404,13 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
                     _coordinate_gradients(geom, chunk, plan, xl[g], gcols, g, grads)
         if gx is not None and whole_images:
             # No other tile touches these images: the worker writes them, in parallel.
-            grad_x[tile.batch] = nchw(gx, tile)
+            nchw(grad_x, tile)[...] = call.image_view(gx, tile)
             gx = None
         return tile, gx, gw
 
-    def nchw(gx: np.ndarray, tile: Tile) -> np.ndarray:
-        """A tile's channels-last ``grad_x`` without the zero pixels, as an NCHW view."""
-        part = gx.reshape(geom.offset_groups, tile.images, call.pixels + 1, cg)[:, :, :call.pixels]
-        return part.transpose(1, 0, 3, 2).reshape(tile.images, geom.in_channels, geom.height, geom.width)
+    def nchw(array: np.ndarray, tile: Tile) -> np.ndarray:
+        """``array[tile.batch]`` as ``(images, offset groups, C/offset groups, H, W)``, a view."""
+        return array[tile.batch].reshape(tile.images, geom.offset_groups, cg, geom.height, geom.width)
 
     # Bands of rows of one image add up their grad_x in tile order (so the sum does not depend
     # on thread timing); tiles of whole images write theirs directly, in x's dtype.
@@ -415,7 +423,7 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
         if gw is not None:
             grad_w += gw
         if gx is not None:
-            grad_x[tile.batch] += nchw(gx, tile)
+            nchw(grad_x, tile)[...] += call.image_view(gx, tile)
     if grad_x is not None:
         grads["x"] = grad_x.astype(x.dtype, copy=False)
     if grad_w is not None:
@@ -434,19 +442,27 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
     is non-zero exactly on the lines ``py = -1`` and ``px = -1``), as torchvision does.
     """
     k = geom.kernel_points
-    n = gcols.shape[0]
-    s = np.empty((n, 4), dtype=gcols.dtype)
+    n, c = gcols.shape
+    # A sample's corners are two pairs of neighbours on the grid: row r of `pairs` is
+    # pixels r and r + 1, one gather of 2C values per pair (a read-only view).
+    pairs = np.lib.stride_tricks.as_strided(xg, shape=(xg.shape[0] - 1, 2 * c), strides=xg.strides, writeable=False)
+    below = padded_grid(geom)[1]
+    top = np.empty((n, 2), dtype=gcols.dtype)     # s[0], s[1]
+    bottom = np.empty((n, 2), dtype=gcols.dtype)  # s[2], s[3]
     # Blocks small enough that the gathered corners are still in cache when they are reduced.
-    block = max(1, _CORNER_BLOCK_BYTES // (4 * xg.shape[1] * xg.itemsize))
+    block = max(1, _CORNER_BLOCK_BYTES // (4 * c * xg.itemsize))
     for start in range(0, n, block):
         rows_ = slice(start, min(start + block, n))
-        np.einsum("nqc,nc->nq", xg[plan.coordinate_index[rows_]], gcols[rows_], out=s[rows_])
+        corner = plan.coordinate_corner[rows_]
+        np.einsum("nqc,nc->nq", pairs[corner].reshape(-1, 2, c), gcols[rows_], out=top[rows_])
+        np.einsum("nqc,nc->nq", pairs[corner + below].reshape(-1, 2, c), gcols[rows_], out=bottom[rows_])
+    s = (top[:, 0], top[:, 1], bottom[:, 0], bottom[:, 1])
     shape = (chunk.images, chunk.out_rows, geom.out_w, k)
     rows = chunk.rows
     if "offset" in grads:
         fy, fx = plan.frac_y, plan.frac_x
-        d_py = (1 - fx) * (s[:, 2] - s[:, 0]) + fx * (s[:, 3] - s[:, 1])
-        d_px = (1 - fy) * (s[:, 1] - s[:, 0]) + fy * (s[:, 3] - s[:, 2])
+        d_py = (1 - fx) * (s[2] - s[0]) + fx * (s[3] - s[1])
+        d_px = (1 - fy) * (s[1] - s[0]) + fy * (s[3] - s[2])
         if plan.mask is not None:
             d_py *= plan.mask
             d_px *= plan.mask
@@ -454,7 +470,8 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
         grads["offset"][chunk.batch, group * 2 * k:(group + 1) * 2 * k, rows] = (
             both.transpose(0, 3, 4, 1, 2).reshape(chunk.images, 2 * k, chunk.out_rows, geom.out_w))
     if "mask" in grads:
-        d_mask = np.einsum("nq,nq->n", plan.bilinear, s)
+        w = plan.bilinear
+        d_mask = w[:, 0] * s[0] + w[:, 1] * s[1] + w[:, 2] * s[2] + w[:, 3] * s[3]
         # An early-exit sample's value is 0 whatever its corners hold (s may read a NaN there).
         d_mask[plan.outside] = 0
         grads["mask"][chunk.batch, group * k:(group + 1) * k, rows] = d_mask.reshape(shape).transpose(0, 3, 1, 2)

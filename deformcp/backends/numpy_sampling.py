@@ -8,9 +8,14 @@ channels-last input ``X`` as columns gives a sparse matrix ``S``::
     grad_X += S.T @ grad_columns # its exact transpose, no scatter loop
 
 :func:`sampling_plan` computes the four corner indices and weights of every
-sample once; :class:`SamplingPlan` applies ``S`` and ``S.T``.  Every image of
-``X`` carries one extra all-zero pixel, which corners outside the image point at,
-so no branch is needed per corner.
+sample once; :class:`SamplingPlan` applies ``S`` and ``S.T``.
+
+Every image of ``X`` is stored on a grid one pixel larger on each side than the
+image, whose border is zero (:func:`padded_grid`).  The four corners of any
+sample that can read the image then lie on that grid, the ones outside the image
+on its zero border, so no corner needs a test or a branch, and a sample's four
+corners are two pairs of neighbours in memory.  Samples that read nothing point
+at a 2x2 block of border pixels.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     _csr_matvecs = _csc_matvecs = None
 
-__all__ = ["SamplingPlan", "sampling_plan"]
+__all__ = ["SamplingPlan", "padded_grid", "sampling_plan"]
 
 
 @dataclass(frozen=True)
@@ -47,16 +52,17 @@ class SamplingPlan:
     Attributes
     ----------
     index : ndarray of int, shape (N, 4)
-        Row of the stacked channels-last input each corner reads: the image's
-        zero pixel where the corner lies outside the image or the sample outside
-        ``(-1, H) x (-1, W)`` (the early exit), so that a non-finite value on the
-        border does not leak into a sample torchvision never reads.
+        Row of the stacked channels-last input each corner reads.  Corners outside
+        the image fall on the zero border; samples outside ``(-1, H) x (-1, W)``
+        (the early exit) read a block of border pixels, so that a non-finite value
+        in the image does not leak into a sample torchvision never reads.
     bilinear : ndarray, shape (N, 4)
-        Bilinear weights, without the mask; 0 where ``index`` is the zero pixel;
-        NaN where the sampling position is NaN.
-    coordinate_index : ndarray of int, shape (N, 4), or None
-        Like ``index`` but without the early exit, for the coordinate gradient,
-        which reads the corners on the lines ``py = -1`` and ``px = -1`` too.
+        Bilinear weights, without the mask; 0 for the early exit; NaN where the
+        sampling position is NaN.
+    coordinate_corner : ndarray of int, shape (N,), or None
+        Top-left corner of each sample like ``index[:, 0]`` but without the early exit,
+        for the coordinate gradient, which reads the corners on the lines ``py = -1``
+        and ``px = -1`` too.  Its other corners are ``+1``, ``+W+2`` and ``+W+3``.
         Only computed when asked for.
     frac_y, frac_x : ndarray, shape (N,)
         ``py - floor(py)`` and ``px - floor(px)``, for the coordinate gradient.
@@ -69,7 +75,7 @@ class SamplingPlan:
 
     index: np.ndarray
     bilinear: np.ndarray
-    coordinate_index: Optional[np.ndarray]
+    coordinate_corner: Optional[np.ndarray]
     frac_y: np.ndarray
     frac_x: np.ndarray
     mask: Optional[np.ndarray]
@@ -130,11 +136,16 @@ def _flat(array: np.ndarray, name: str) -> np.ndarray:
     return array.reshape(-1)
 
 
+def padded_grid(geom: ConvGeometry) -> tuple:
+    """Rows and columns of the grid each image is stored on: ``(H + 2, W + 2)``, a zero border around it."""
+    return geom.height + 2, geom.width + 2
+
+
 # Non-finite offsets are defined behaviour (docs/semantics.md), not numerical accidents to warn about.
 @np.errstate(invalid="ignore")
 def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndarray], group: int, *,
                   row_start: int, first_image: int, n_columns: int, dtype, index_dtype,
-                  coordinate_index: bool) -> SamplingPlan:
+                  coordinate_corner: bool) -> SamplingPlan:
     """Sampling plan of offset group ``group`` for a block of the output.
 
     Parameters
@@ -147,16 +158,17 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
         The offset group.
     first_image : int
         Position of the block's first image among the images stacked in the input the
-        indices point into; each image there has ``H*W + 1`` pixels, the last one zero.
+        indices point into, each on its :func:`padded_grid`.
     n_columns : int
         Rows of that stacked input.
     dtype, index_dtype
         Floating type of the weights, integer type of the indices.
-    coordinate_index : bool
-        Whether to compute :attr:`SamplingPlan.coordinate_index` too.
+    coordinate_corner : bool
+        Whether to compute :attr:`SamplingPlan.coordinate_corner` too.
     """
     kh, kw, k = geom.kernel_h, geom.kernel_w, geom.kernel_points
     height, width = geom.height, geom.width
+    grid_rows, grid_cols = padded_grid(geom)
     images, rows, cols = offset.shape[0], offset.shape[2], geom.out_w
     (stride_h, stride_w), (dil_h, dil_w) = geom.stride, geom.dilation
     pad_top, pad_left = geom.padding[0], geom.padding[1]
@@ -179,39 +191,31 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     frac_y = py - y0
     frac_x = px - x0
     outside = (py <= -1) | (py >= height) | (px <= -1) | (px >= width)
-    keep = ~outside
-    # Clamped, huge and infinite positions cast safely and stay outside the image.  A NaN
-    # position casts to an arbitrary integer; its weights are NaN, so the sample is NaN
-    # whichever pixel it names.
-    y0i = np.clip(y0, -2, height + 1).astype(index_dtype)
-    x0i = np.clip(x0, -2, width + 1).astype(index_dtype)
+    # The top-left corner on the padded grid, whose rows and columns are the image's plus one.
+    # Clamped, huge and infinite positions cast safely and land off the grid.  A NaN position
+    # casts to an arbitrary integer; its weights are NaN, so the sample is NaN whatever it reads.
+    gy = np.clip(y0, -2, height).astype(index_dtype) + 1
+    gx = np.clip(x0, -2, width).astype(index_dtype) + 1
     unsigned = np.dtype(index_dtype).str.replace("i", "u")
-    # One unsigned comparison tests 0 <= v < n.
-    y_in = (y0i.view(unsigned) < height, (y0i + 1).view(unsigned) < height)
-    x_in = (x0i.view(unsigned) < width, (x0i + 1).view(unsigned) < width)
-
-    pixels = height * width
-    image_base = (np.arange(first_image, first_image + images, dtype=index_dtype) * (pixels + 1)).repeat(rows * cols * k)
-    zero_pixel = image_base + pixels
-    top_left = image_base + y0i * width + x0i
+    # One unsigned comparison tests 0 <= v <= n: the 2x2 block from (gy, gx) lies on the grid.
+    on_grid = (gy.view(unsigned) <= height) & (gx.view(unsigned) <= width)
+    image_base = (np.arange(first_image, first_image + images, dtype=index_dtype)
+                  * (grid_rows * grid_cols)).repeat(rows * cols * k)
+    # (0, W+1), (1, 0), (1, W+1), (2, 0): four border pixels, where samples that read nothing point.
+    border = image_base + (width + 1)
+    corner = np.where(on_grid, image_base + gy * grid_cols + gx, border)
+    steps = np.array([0, 1, grid_cols, grid_cols + 1], dtype=index_dtype)
+    index = np.where(outside, border, corner)[:, None] + steps
     n = py.size
-    index = np.empty((n, 4), dtype=index_dtype)
-    coord = np.empty((n, 4), dtype=index_dtype) if coordinate_index else None
     bilinear = np.empty((n, 4), dtype=dtype)
     wy = (1 - frac_y, frac_y)
     wx = (1 - frac_x, frac_x)
     for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-        inside = y_in[a] & x_in[b]
-        read = inside & keep
-        corner = top_left + (a * width + b)
-        index[:, q] = np.where(read, corner, zero_pixel)
-        if coord is not None:
-            coord[:, q] = np.where(inside, corner, zero_pixel)
-        # Multiplying by the flag (not selecting) keeps a NaN position NaN ...
-        bilinear[:, q] = wy[a] * wx[b] * inside
-    # ... unless the other coordinate takes the early exit, which is an exact 0.
+        np.multiply(wy[a], wx[b], out=bilinear[:, q])
+    # The early exit is an exact 0, even where the other coordinate is NaN.
     bilinear[outside] = 0
     flat_mask = None
     if mask is not None:
         flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
-    return SamplingPlan(index, bilinear, coord, frac_y, frac_x, flat_mask, outside, n_columns)
+    return SamplingPlan(index, bilinear, corner if coordinate_corner else None, frac_y, frac_x, flat_mask,
+                        outside, n_columns)
