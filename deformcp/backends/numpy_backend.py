@@ -153,8 +153,8 @@ class _Call:
         geom = self.geom
         g, cg = geom.offset_groups, geom.channels_per_offset_group
         out = np.empty((g, tile.images, *padded_grid(geom), cg), dtype=self.cdt)
-        out[:, :, [0, -1]] = 0
-        out[:, :, 1:-1, [0, -1]] = 0
+        for border in (out[:, :, 0], out[:, :, -1], out[:, :, :, 0], out[:, :, :, -1]):
+            border[...] = 0
         _blocked_copy(out[:, :, 1:-1, 1:-1],
                       x[tile.batch].reshape(tile.images, g, cg, geom.height, geom.width).transpose(1, 0, 3, 4, 2))
         return out.reshape(g, tile.images * self.grid_pixels, cg)

@@ -89,7 +89,12 @@ class SamplingPlan:
         The mask multiplies the weights after the early exit zeroed them, so a NaN mask
         still poisons an outside sample, as torchvision's ``mask * 0`` does.
         """
-        return self.bilinear if self.mask is None else self.bilinear * self.mask[:, None]
+        if self.mask is None:
+            return self.bilinear
+        weights = np.empty_like(self.bilinear)
+        for q in range(4):
+            np.multiply(self.bilinear[:, q], self.mask, out=weights[:, q])
+        return weights
 
     @functools.cached_property
     def operator(self) -> scipy.sparse.csr_array:
@@ -204,16 +209,18 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     # (0, W+1), (1, 0), (1, W+1), (2, 0): four border pixels, where samples that read nothing point.
     border = image_base + (width + 1)
     corner = np.where(on_grid, image_base + gy * grid_cols + gx, border)
-    steps = np.array([0, 1, grid_cols, grid_cols + 1], dtype=index_dtype)
-    index = np.where(outside, border, corner)[:, None] + steps
+    read = np.where(outside, border, corner)
     n = py.size
+    index = np.empty((n, 4), dtype=index_dtype)
     bilinear = np.empty((n, 4), dtype=dtype)
     wy = (1 - frac_y, frac_y)
     wx = (1 - frac_x, frac_x)
+    # Column by column: NumPy's loops over a trailing axis of 4 run 4 elements per call.
     for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        np.add(read, a * grid_cols + b, out=index[:, q])
         np.multiply(wy[a], wx[b], out=bilinear[:, q])
-    # The early exit is an exact 0, even where the other coordinate is NaN.
-    bilinear[outside] = 0
+        # The early exit is an exact 0, even where the other coordinate is NaN.
+        np.copyto(bilinear[:, q], 0, where=outside)
     flat_mask = None
     if mask is not None:
         flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
