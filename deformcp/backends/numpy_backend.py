@@ -128,10 +128,9 @@ class _Call:
         return [Tile(b, b + 1, r, min(r + rows, tile.row_stop))
                 for b in range(tile.batch_start, tile.batch_stop) for r in range(tile.row_start, tile.row_stop, rows)]
 
-    def scratch(self, per_pixel_values: int) -> np.ndarray:
-        """A flat buffer big enough for ``per_pixel_values`` values per pixel of any chunk."""
-        geom = self.geom
-        pixels = min(self.chunk_rows, geom.out_h) * geom.out_w * max(1, self.chunk_rows // geom.out_h)
+    def scratch(self, per_pixel_values: int, chunks: List[Tile]) -> np.ndarray:
+        """A flat buffer for ``per_pixel_values`` values per pixel of any of ``chunks``."""
+        pixels = max(c.images * c.out_rows for c in chunks) * self.geom.out_w
         return np.empty(pixels * per_pixel_values, dtype=self.cdt)
 
     def channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
@@ -303,9 +302,10 @@ def forward(geom: ConvGeometry, x, offset, mask, weight, bias) -> np.ndarray:
 
     def run(tile: Tile) -> None:
         xl = call.channels_last(x, tile)
-        scratch = call.scratch(geom.kernel_points * geom.in_channels)
-        result = call.scratch(geom.out_channels)
-        for chunk in call.chunks(tile):
+        chunks = call.chunks(tile)
+        scratch = call.scratch(geom.kernel_points * geom.in_channels, chunks)
+        result = call.scratch(geom.out_channels, chunks)
+        for chunk in chunks:
             cols = call.per_group(call.columns(xl, call.plans(tile, chunk, offset, mask), scratch), chunk)
             # Pixels as the rows of the product: (groups, images, pixels, K*C/g) @ (groups, 1, K*C/g, Cout/g).
             # With C_out as the rows instead, OpenBLAS ran at 56 GFLOP/s rather than 88 for C_out=32;
@@ -343,8 +343,9 @@ def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
 
     def run(tile: Tile) -> None:
         xl = call.channels_last(x, tile)
-        scratch = call.scratch(k * geom.in_channels)
-        for chunk in call.chunks(tile):
+        chunks = call.chunks(tile)
+        scratch = call.scratch(k * geom.in_channels, chunks)
+        for chunk in chunks:
             cols = call.columns(xl, call.plans(tile, chunk, offset, mask), scratch)
             cols = cols.reshape(chunk.images, chunk.out_rows, geom.out_w, k, geom.in_channels)
             out[chunk.batch, :, :, chunk.rows] = cols.transpose(0, 4, 3, 1, 2)
@@ -380,8 +381,9 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
         xl = call.channels_last(x, tile)
         gx = np.zeros_like(xl) if "x" in wrt else None
         gw = np.zeros_like(call.wmat) if "weight" in wrt else None
-        scratch = call.scratch(k * geom.in_channels)
-        for chunk in call.chunks(tile):
+        chunks = call.chunks(tile)
+        scratch = call.scratch(k * geom.in_channels, chunks)
+        for chunk in chunks:
             go = _tile_view(grad_out_c, chunk, geom.groups)  # (images, groups, Cout/g, pixels), a view
             plans = call.plans(tile, chunk, offset, mask, coordinate_corner=coordinates)
             if gw is not None:
