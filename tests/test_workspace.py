@@ -59,7 +59,7 @@ def _assert_same(tiled, untiled):
         assert err <= 1e-12, f"{name}: tiled vs untiled relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("threads", ["4", "7"])
 @pytest.mark.parametrize("operation", list(OPERATIONS))
 @pytest.mark.parametrize("spec", SPECS)
 def test_row_bands_equal_untiled(spec, operation, threads, rng, monkeypatch, recorded_plans):
@@ -69,10 +69,28 @@ def test_row_bands_equal_untiled(spec, operation, threads, rng, monkeypatch, rec
     with deformcp.workspace_limit(4096):
         tiled = OPERATIONS[operation](problem)
     (_, tiles), = recorded_plans
-    # 4 KiB holds no whole image: single images in bands of rows, some shorter than the image.
+    # More threads than images: single images in bands of rows, some shorter than the image,
+    # at least one tile per thread.
     assert all(t.images == 1 for t in tiles)
     assert any(t.out_rows < spec.out_size[0] for t in tiles)
+    assert len(tiles) >= int(threads)
     _assert_same(tiled, untiled)
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+def test_a_limit_below_one_image_gives_whole_images_not_bands(operation, rng, monkeypatch, recorded_plans,
+                                                             recorded_chunks):
+    # A band needs its whole image's copy, so cutting bands would save nothing: under a tiny
+    # limit each tile is one whole image, and the chunks (one row each) bound the rest.
+    problem = make_problem(SPECS[0].values[0], rng)
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", "1")
+    with deformcp.workspace_limit(1):
+        OPERATIONS[operation](problem)
+    (_, tiles), = recorded_plans
+    out_h = problem.spec.out_size[0]
+    assert [(t.batch_start, t.batch_stop, t.row_start, t.row_stop) for t in tiles] == [
+        (b, b + 1, 0, out_h) for b in range(problem.spec.batch)]
+    assert recorded_chunks and all(c.images == 1 and c.out_rows == 1 for c in recorded_chunks)
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])
@@ -169,16 +187,67 @@ def _scratch_bytes(problem, operation):
     return call.scratch_bytes(backward=operation == "backward")
 
 
-def test_limit_below_one_row_still_works(rng, monkeypatch, recorded_plans):
-    # The smallest tile is one output row of one image; a limit below it is exceeded, not an error.
+def test_limit_below_one_row_still_works(rng, monkeypatch):
+    # The smallest pieces are one image's copy and one output row; a limit below them is
+    # exceeded, not an error.
     problem = make_problem(Spec(batch=2, height=4, width=4), rng)
     monkeypatch.setenv("DEFORMCP_NUM_THREADS", "1")
-    with deformcp.workspace_limit(1):
-        out = run_forward(problem)
-    (_, tiles), = recorded_plans
-    assert len(tiles) == 2 * 4 and all(t.out_rows == 1 and t.images == 1 for t in tiles)
-    with deformcp.workspace_limit(2**40):
-        np.testing.assert_allclose(out, run_forward(problem), rtol=1e-12, atol=1e-12)
+    for operation in OPERATIONS.values():
+        with deformcp.workspace_limit(1):
+            small = operation(problem)
+        with deformcp.workspace_limit(2**40):
+            _assert_same(small, operation(problem))
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize("spec", SPECS)
+def test_int64_indices_equal_int32(spec, operation, rng, monkeypatch):
+    # Indices switch to int64 where a tile's or a chunk's counts would overflow int32; lowering
+    # the threshold runs that path on small problems.
+    problem = make_problem(spec, rng)
+    int32 = OPERATIONS[operation](problem)
+    monkeypatch.setattr(numpy_backend, "_INT32_INDEX_MAX", 10)
+    seen = []
+    original = numpy_sampling.sampling_plan
+    monkeypatch.setattr(numpy_backend, "sampling_plan",
+                        lambda *a, **kw: seen.append(kw["index_dtype"]) or original(*a, **kw))
+    _assert_same(OPERATIONS[operation](problem), int32)
+    assert seen and all(np.dtype(t) == np.int64 for t in seen)
+
+
+def test_the_sampling_plan_refuses_an_index_type_too_small(rng):
+    problem = make_problem(SPECS[0].values[0], rng)
+    shape = lambda a: None if a is None else a.shape  # noqa: E731
+    geom = conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
+                         shape(problem.bias), **problem.spec.kwargs)
+    with pytest.raises(OverflowError, match="int16"):
+        numpy_sampling.sampling_plan(geom, problem.offset, problem.mask, 0, row_start=0, first_image=0,
+                                     input_rows=40000, dtype=np.float64, index_dtype=np.int16,
+                                     coordinate_corner=False)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_corner_gradient_blocks_equal_one_block(spec, rng, monkeypatch):
+    # The corner gradients gather in blocks; tiny blocks (one sample, and a short last block)
+    # must give what one block gives.
+    problem = make_problem(spec, rng)
+    whole = OPERATIONS["backward"](problem)
+    for block_bytes in (1, 100):
+        monkeypatch.setattr(numpy_backend, "_CORNER_BLOCK_BYTES", block_bytes)
+        _assert_same(OPERATIONS["backward"](problem), whole)
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+def test_chunks_respect_the_column_bytes_cap(operation, rng, monkeypatch, recorded_chunks):
+    problem = make_problem(SPECS[0].values[0], rng)
+    spec = problem.spec
+    out_h, out_w = spec.out_size
+    k = spec.kernel[0] * spec.kernel[1]
+    row_bytes = out_w * k * spec.in_channels * 8  # float64 columns of one output row
+    monkeypatch.setattr(numpy_backend, "_CHUNK_COLUMN_BYTES", 3 * row_bytes)
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", "1")
+    OPERATIONS[operation](problem)
+    assert recorded_chunks and max(c.images * c.out_rows for c in recorded_chunks) == min(3, out_h)
 
 
 # --- plan_tiles -----------------------------------------------------------------

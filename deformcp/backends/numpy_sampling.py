@@ -13,9 +13,13 @@ sample once; :class:`SamplingPlan` applies ``S`` and ``S.T``.
 Every image of ``X`` is stored on a grid one pixel larger on each side than the
 image, whose border is zero (:func:`padded_grid`).  The four corners of any
 sample that can read the image then lie on that grid, the ones outside the image
-on its zero border, so no corner needs a test or a branch, and a sample's four
-corners are two pairs of neighbours in memory.  Samples that read nothing point
-at a 2x2 block of border pixels.
+on its zero border, so no corner needs a test or a branch: they are the grid
+pixels ``t, t + 1, t + W + 2, t + W + 3`` from the top-left one ``t``, two pairs
+of neighbours in memory.  Samples that read nothing use ``t = W + 1``, the last
+pixel of the grid's first row: its four "corners" ``(0, W+1), (1, 0), (1, W+1),
+(2, 0)`` wrap from the end of one grid row to the start of the next and are all
+border pixels.  (A geometric 2x2 block in a corner of the grid would not do: it
+would include an image pixel.)
 """
 
 from __future__ import annotations
@@ -54,11 +58,16 @@ class SamplingPlan:
     index : ndarray of int, shape (N, 4)
         Row of the stacked channels-last input each corner reads.  Corners outside
         the image fall on the zero border; samples outside ``(-1, H) x (-1, W)``
-        (the early exit) read a block of border pixels, so that a non-finite value
-        in the image does not leak into a sample torchvision never reads.
+        (the early exit) read four border pixels (see the module's docstring), so
+        that a non-finite value in the image does not leak into a sample
+        torchvision never reads.
     bilinear : ndarray, shape (N, 4)
         Bilinear weights, without the mask; 0 for the early exit; NaN where the
         sampling position is NaN.
+    weights : ndarray, shape (N, 4)
+        The entries of ``S``: ``bilinear`` times the mask.  The mask multiplies the
+        weights after the early exit zeroed them, so a NaN mask still poisons an
+        outside sample, as torchvision's ``mask * 0`` does.
     coordinate_corner : ndarray of int, shape (N,), or None
         Top-left corner of each sample like ``index[:, 0]`` but without the early exit,
         for the coordinate gradient, which reads the corners on the lines ``py = -1``
@@ -69,48 +78,35 @@ class SamplingPlan:
     mask : ndarray, shape (N,), or None
     outside : ndarray of bool, shape (N,)
         Samples that take the early exit.
-    n_columns : int
+    input_rows : int
         Rows of the stacked channels-last input the indices point into.
     """
 
     index: np.ndarray
     bilinear: np.ndarray
+    weights: np.ndarray
     coordinate_corner: Optional[np.ndarray]
     frac_y: np.ndarray
     frac_x: np.ndarray
     mask: Optional[np.ndarray]
     outside: np.ndarray
-    n_columns: int
-
-    @functools.cached_property
-    def weights(self) -> np.ndarray:
-        """The entries of ``S``: bilinear weights times the mask, shape (N, 4).
-
-        The mask multiplies the weights after the early exit zeroed them, so a NaN mask
-        still poisons an outside sample, as torchvision's ``mask * 0`` does.
-        """
-        if self.mask is None:
-            return self.bilinear
-        weights = np.empty_like(self.bilinear)
-        for q in range(4):
-            np.multiply(self.bilinear[:, q], self.mask, out=weights[:, q])
-        return weights
+    input_rows: int
 
     @functools.cached_property
     def operator(self) -> scipy.sparse.csr_array:
         """``S`` as a SciPy CSR array (rows: samples, columns: stacked input pixels)."""
         rows = self.index.shape[0]
         return scipy.sparse.csr_array((self.weights.ravel(), self.index.ravel(), _indptr(rows, self.index.dtype)),
-                                      shape=(rows, self.n_columns))
+                                      shape=(rows, self.input_rows))
 
     def gather(self, source: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out[...] = S @ source``: the samples' values, ``(N, channels)`` from ``(n_columns, channels)``."""
+        """``out[...] = S @ source``: the samples' values, ``(N, channels)`` from ``(input_rows, channels)``."""
         if _csr_matvecs is None:
             out[...] = self.operator @ source
             return out
         out.fill(0)
         rows, channels = out.shape
-        _csr_matvecs(rows, self.n_columns, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
+        _csr_matvecs(rows, self.input_rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
                      self.weights.ravel(), _flat(source, "source"), _flat(out, "out"))
         return out
 
@@ -121,7 +117,7 @@ class SamplingPlan:
             return out
         rows, channels = values.shape
         # S's CSR arrays are S.T's CSC arrays.
-        _csc_matvecs(self.n_columns, rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
+        _csc_matvecs(self.input_rows, rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
                      self.weights.ravel(), _flat(values, "values"), _flat(out, "out"))
         return out
 
@@ -149,7 +145,7 @@ def padded_grid(geom: ConvGeometry) -> tuple:
 # Non-finite offsets are defined behaviour (docs/semantics.md), not numerical accidents to warn about.
 @np.errstate(invalid="ignore")
 def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndarray], group: int, *,
-                  row_start: int, first_image: int, n_columns: int, dtype, index_dtype,
+                  row_start: int, first_image: int, input_rows: int, dtype, index_dtype,
                   coordinate_corner: bool) -> SamplingPlan:
     """Sampling plan of offset group ``group`` for a block of the output.
 
@@ -164,7 +160,7 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     first_image : int
         Position of the block's first image among the images stacked in the input the
         indices point into, each on its :func:`padded_grid`.
-    n_columns : int
+    input_rows : int
         Rows of that stacked input.
     dtype, index_dtype
         Floating type of the weights, integer type of the indices.
@@ -175,6 +171,11 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     height, width = geom.height, geom.width
     grid_rows, grid_cols = padded_grid(geom)
     images, rows, cols = offset.shape[0], offset.shape[2], geom.out_w
+    # SciPy's kernels do not check bounds: an index or row pointer that wrapped around
+    # would read and write other memory.  The caller picks the type; this makes sure.
+    if max(input_rows, 4 * images * rows * cols * k) > np.iinfo(index_dtype).max:
+        raise OverflowError(f"{np.dtype(index_dtype)} cannot index {input_rows} input rows "
+                            f"and {images * rows * cols * k} samples")
     (stride_h, stride_w), (dil_h, dil_w) = geom.stride, geom.dilation
     pad_top, pad_left = geom.padding[0], geom.padding[1]
 
@@ -221,8 +222,13 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
         np.multiply(wy[a], wx[b], out=bilinear[:, q])
         # The early exit is an exact 0, even where the other coordinate is NaN.
         np.copyto(bilinear[:, q], 0, where=outside)
-    flat_mask = None
-    if mask is not None:
+    flat_mask = weights = None
+    if mask is None:
+        weights = bilinear
+    else:
         flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
-    return SamplingPlan(index, bilinear, corner if coordinate_corner else None, frac_y, frac_x, flat_mask,
-                        outside, n_columns)
+        weights = np.empty_like(bilinear)
+        for q in range(4):
+            np.multiply(bilinear[:, q], flat_mask, out=weights[:, q])
+    return SamplingPlan(index, bilinear, weights, corner if coordinate_corner else None, frac_y, frac_x,
+                        flat_mask, outside, input_rows)
