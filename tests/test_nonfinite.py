@@ -9,6 +9,7 @@ mask poisons its sample even outside the image (mask * 0 is NaN).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -251,3 +252,28 @@ def test_grad_mask_on_the_minus_one_line_ignores_a_nan_corner():
     grads = deformcp.deform_conv2d_backward(np.ones((1, 1, 3, 3)), x, np.zeros((1, 18, 3, 3)), mask,
                                             np.ones((1, 1, 3, 3)), padding=1, wrt="mask")
     assert grads.grad_mask[0, 0, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_non_finite_values_do_not_warn(threads, rng, monkeypatch):
+    # Defined behaviour, not a numerical accident: NumPy's "invalid value" and "overflow"
+    # warnings would fire every training step of a model that has NaNs, on any thread,
+    # and the caller's own error state (here: raise on everything) must not change that.
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", threads)
+    problem = make_problem(SPEC, rng)
+    problem.x[0, 0, 2, 3] = np.inf
+    problem.x[1, 1, 1, 1] = -np.inf
+    problem.offset[0, 0, 1, 1] = np.nan
+    problem.offset[1, 3, 2, 2] = np.inf
+    problem.mask[0, 2, 0, 0] = np.nan
+    problem.weight[0, 0, 0, 0] = 1e308
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = run_forward(problem)
+        grads = run_backward(problem)
+        columns = run_im2col(problem)
+    grad_bias = grads.pop("bias")  # the sum of grad_out, which is finite
+    assert np.isfinite(grad_bias).all()
+    for name, value in {"out": out, "columns": columns, **grads}.items():
+        assert not np.isfinite(value).all(), f"{name}: the non-finite inputs reach it"
+        assert np.isfinite(value).any(), f"{name}: but not everywhere"

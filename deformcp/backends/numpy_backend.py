@@ -253,6 +253,20 @@ def _workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _quiet(fn: Callable) -> Callable:
+    """``fn`` under a NumPy error state that neither warns nor raises on floating-point conditions.
+
+    Non-finite inputs are defined behaviour (docs/semantics.md), not numerical accidents:
+    NaN and infinity propagate as torchvision's do, silently, whatever error state the
+    caller has set.  NumPy's error state is per thread, so each worker sets it around its tile.
+    """
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return quiet
+
+
 _pool_lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
 
@@ -266,6 +280,7 @@ def _map_tiles(fn: Callable[[Tile], object], tiles: List[Tile]) -> Iterator[obje
     tiles in a fixed order, so results do not depend on thread timing.
     """
     global _pool
+    fn = _quiet(fn)
     workers = _workers()
     if workers == 1 or len(tiles) == 1:
         yield from map(fn, tiles)
@@ -297,6 +312,7 @@ def _blas_threads(n: int):
     return _blas_controller().limit(limits=n, user_api="blas")
 
 
+@_quiet
 def forward(geom: ConvGeometry, x, offset, mask, weight, bias) -> np.ndarray:
     """Deformable convolution on NumPy arrays; see :func:`deformcp.deform_conv2d`."""
     call = _Call(geom, x.dtype, weight)
@@ -341,6 +357,7 @@ def _blocked_copy(dst: np.ndarray, src: np.ndarray) -> None:
             dst[block] = src[block]
 
 
+@_quiet
 def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
     """Deformable im2col on NumPy arrays; see :func:`deformcp.deform_im2col`."""
     call = _Call(geom, x.dtype, None)
@@ -362,6 +379,7 @@ def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
     return out.reshape(geom.columns_shape)
 
 
+@_quiet
 def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
     """The gradients named in ``wrt`` on NumPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
