@@ -483,22 +483,20 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
     k = geom.kernel_points
     n, c = gcols.shape
     # A sample's corners are two pairs of neighbours on the grid: row r of `pairs` is
-    # pixels r and r + 1, one gather of 2C values per pair (a read-only view).
+    # pixels r and r + 1, so each pair is one gather of 2C contiguous values (a read-only view).
     if not xg.flags.c_contiguous:
         raise ValueError("the channels-last input must be C-contiguous")
     pairs = np.lib.stride_tricks.as_strided(xg, shape=(xg.shape[0] - 1, 2 * c), strides=(xg.strides[0], xg.itemsize),
                                             writeable=False)
-    below = padded_grid(geom)[1]
-    top = np.empty((n, 2), dtype=gcols.dtype)     # s[0], s[1]
-    bottom = np.empty((n, 2), dtype=gcols.dtype)  # s[2], s[3]
+    pair_steps = np.array([0, padded_grid(geom)[1]], dtype=plan.coordinate_corner.dtype)
+    s = np.empty((n, 4), dtype=gcols.dtype)
     # Blocks small enough that the gathered corners are still in cache when they are reduced.
     block = max(1, _CORNER_BLOCK_BYTES // (4 * c * xg.itemsize))
     for start in range(0, n, block):
         rows_ = slice(start, min(start + block, n))
-        corner = plan.coordinate_corner[rows_]
-        np.einsum("nqc,nc->nq", pairs[corner].reshape(-1, 2, c), gcols[rows_], out=top[rows_])
-        np.einsum("nqc,nc->nq", pairs[corner + below].reshape(-1, 2, c), gcols[rows_], out=bottom[rows_])
-    s = (top[:, 0], top[:, 1], bottom[:, 0], bottom[:, 1])
+        corners = pairs[plan.coordinate_corner[rows_, None] + pair_steps].reshape(-1, 4, c)
+        np.einsum("nqc,nc->nq", corners, gcols[rows_], out=s[rows_])
+    s = (s[:, 0], s[:, 1], s[:, 2], s[:, 3])
     shape = (chunk.images, chunk.out_rows, geom.out_w, k)
     rows = chunk.rows
     if "offset" in grads:
