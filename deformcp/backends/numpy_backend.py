@@ -401,12 +401,11 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
         return grads
     grad_out_c = np.ascontiguousarray(grad_out, dtype=cdt)  # _tile_view needs a reshapeable layout
     tiles = call.tiles(backward=True)
-    # Bands of rows of one image add up their grad_x in tile order (so the sum does not depend
-    # on thread timing); tiles of whole images write theirs directly, in x's dtype.
+    # Tiles of whole images write their grad_x directly from the worker.  Bands of rows of one
+    # image add up their channels-last grad_x in tile order (so the sum does not depend on
+    # thread timing), and the image's sum is copied into NCHW once.
     whole_images = all(t.out_rows == geom.out_h for t in tiles)
-    grad_x = None
-    if "x" in wrt:
-        grad_x = np.empty(geom.x_shape, dtype=x.dtype) if whole_images else np.zeros(geom.x_shape, dtype=cdt)
+    grad_x = np.empty(geom.x_shape, dtype=x.dtype) if "x" in wrt else None
 
     def nchw(array: np.ndarray, tile: Tile) -> np.ndarray:
         """``array[tile.batch]`` as ``(images, offset groups, C/offset groups, H, W)``, a view."""
@@ -444,13 +443,22 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
         return tile, gx, gw
 
     grad_w = np.zeros_like(call.wmat) if "weight" in wrt else None
+    band_sum, band_tile = None, None  # the running sum of the current image's bands
     for tile, gx, gw in _map_tiles(run, tiles):
         if gw is not None:
             grad_w += gw
-        if gx is not None:
-            nchw(grad_x, tile)[...] += call.image_view(gx, tile)
+        if gx is None:
+            continue
+        if band_tile is not None and band_tile.batch_start == tile.batch_start:
+            band_sum += gx
+            continue
+        if band_tile is not None:
+            nchw(grad_x, band_tile)[...] = call.image_view(band_sum, band_tile)
+        band_sum, band_tile = gx, tile
+    if band_tile is not None:
+        nchw(grad_x, band_tile)[...] = call.image_view(band_sum, band_tile)
     if grad_x is not None:
-        grads["x"] = grad_x.astype(x.dtype, copy=False)
+        grads["x"] = grad_x
     if grad_w is not None:
         grads["weight"] = (grad_w.reshape(geom.out_channels, geom.kernel_h, geom.kernel_w, geom.channels_per_group)
                            .transpose(0, 3, 1, 2).astype(x.dtype))
