@@ -71,8 +71,7 @@ class _Call:
         # scipy's sparse kernels are fastest with 32-bit indices; 64-bit only when a count needs it.
         self.index_dtype = np.int32
         self.chunk_rows = 1
-        self._lock = threading.Lock()
-        self._inputs: dict = {}
+        self._band_images: dict = {}  # first image -> its channels-last copy, for bands of rows
         if weight is not None:
             # weight[o, c, i, j] -> per group (C_out/g, K*C/g), columns ordered (k, c) like the columns
             self.wmat = (weight.astype(self.cdt, copy=False).transpose(0, 2, 3, 1)
@@ -143,27 +142,55 @@ class _Call:
     def channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
         """The tile's images channels-last on their zero-bordered grids, ``(G, images * grid pixels, C/G)``.
 
-        Row bands of one image share one copy: the first band to ask makes it, and it is
-        dropped once the tiles have moved past that image (tiles come in batch order).
+        A tile of whole images makes its own copy.  Bands of rows of one image share one,
+        made by :meth:`prepare_bands` before the tiles start.
         """
-        key = (tile.batch_start, tile.batch_stop)
-        with self._lock:
-            entry = self._inputs.get(key)
-            if entry is None:
-                for old in [k for k in self._inputs if k[1] <= tile.batch_start]:
-                    del self._inputs[old]
-                entry = self._inputs[key] = _Lazy(lambda: self._channels_last(x, tile))
-        return entry.get()
+        if tile.out_rows == self.geom.out_h:
+            out = self._grid(tile.images)
+            self._copy_rows(x, out, tile.batch, slice(0, self.geom.height))
+            return out.reshape(self.geom.offset_groups, -1, self.geom.channels_per_offset_group)
+        return self._band_images[tile.batch_start]
 
-    def _channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
+    def prepare_bands(self, x: np.ndarray, tiles: List[Tile]) -> None:
+        """The channels-last copies of the images that ``tiles`` cut into bands, made by all the workers.
+
+        Bands exist only where there are fewer images than workers, so the copies of all of
+        them fit the limit that each worker's share of the limit allows one of.  Made here, in
+        pieces of rows on the worker threads, rather than by the first band to ask while the
+        image's other bands wait for it.
+        """
         geom = self.geom
-        g, cg = geom.offset_groups, geom.channels_per_offset_group
-        out = np.empty((g, tile.images, *padded_grid(geom), cg), dtype=self.cdt)
+        images = sorted({t.batch_start for t in tiles if t.out_rows < geom.out_h})
+        if not images:
+            return
+        grids = {b: self._grid(1) for b in images}
+        rows = -(-geom.height // _workers())
+        pieces = [Tile(b, b + 1, r, min(r + rows, geom.height)) for b in images for r in range(0, geom.height, rows)]
+
+        def copy(piece: Tile) -> None:
+            self._copy_rows(x, grids[piece.batch_start], piece.batch, piece.rows)
+
+        for _ in _map_tiles(copy, pieces):
+            pass
+        self._band_images = {b: grid.reshape(geom.offset_groups, -1, geom.channels_per_offset_group)
+                             for b, grid in grids.items()}
+
+    def _grid(self, images: int) -> np.ndarray:
+        """An uninitialised ``(G, images, H + 2, W + 2, C/G)`` array with its border zeroed."""
+        geom = self.geom
+        out = np.empty((geom.offset_groups, images, *padded_grid(geom), geom.channels_per_offset_group),
+                       dtype=self.cdt)
         for border in (out[:, :, 0], out[:, :, -1], out[:, :, :, 0], out[:, :, :, -1]):
             border[...] = 0
-        _blocked_copy(out[:, :, 1:-1, 1:-1],
-                      x[tile.batch].reshape(tile.images, g, cg, geom.height, geom.width).transpose(1, 0, 3, 4, 2))
-        return out.reshape(g, tile.images * self.grid_pixels, cg)
+        return out
+
+    def _copy_rows(self, x: np.ndarray, grid: np.ndarray, batch: slice, rows: slice) -> None:
+        """Input rows ``rows`` of images ``batch`` of ``x`` into their place on ``grid``."""
+        geom = self.geom
+        g, cg = geom.offset_groups, geom.channels_per_offset_group
+        images = batch.stop - batch.start
+        source = x[batch, :, rows].reshape(images, g, cg, rows.stop - rows.start, geom.width)
+        _blocked_copy(grid[:, :, rows.start + 1:rows.stop + 1, 1:-1], source.transpose(1, 0, 3, 4, 2))
 
     def image_view(self, stacked: np.ndarray, tile: Tile) -> np.ndarray:
         """Inverse of :meth:`channels_last` for a tile: ``(images, offset groups, C/offset groups, H, W)``,
@@ -220,21 +247,6 @@ class _Call:
         grouped = np.matmul(go.transpose(0, 1, 3, 2), self.wmat)
         split = grouped.reshape(images, geom.groups, pixels, k, cc).transpose(0, 2, 3, 1, 4)
         return np.ascontiguousarray(split).reshape(-1, k, geom.in_channels)
-
-
-class _Lazy:
-    """A value computed once, by the first thread that asks; the others wait for it."""
-
-    def __init__(self, make: Callable[[], np.ndarray]):
-        self._make = make
-        self._lock = threading.Lock()
-        self._value: Optional[np.ndarray] = None
-
-    def get(self) -> np.ndarray:
-        with self._lock:
-            if self._value is None:
-                self._value = self._make()
-            return self._value
 
 
 def _tile_view(array: np.ndarray, tile: Tile, groups: int) -> np.ndarray:
@@ -322,6 +334,7 @@ def forward(geom: ConvGeometry, x, offset, mask, weight, bias) -> np.ndarray:
     # (groups, 1, K*C/g, Cout/g): the same weight for every image of a chunk
     weight_t = call.wmat.transpose(0, 2, 1)[:, None]
     tiles = call.tiles(backward=False)
+    call.prepare_bands(x, tiles)
 
     def run(tile: Tile) -> None:
         xl = call.channels_last(x, tile)
@@ -364,6 +377,7 @@ def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
     k = geom.kernel_points
     out = np.empty((geom.batch, geom.in_channels, k, geom.out_h, geom.out_w), dtype=x.dtype)
     tiles = call.tiles(backward=False)
+    call.prepare_bands(x, tiles)
 
     def run(tile: Tile) -> None:
         xl = call.channels_last(x, tile)
@@ -401,6 +415,7 @@ def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozens
         return grads
     grad_out_c = np.ascontiguousarray(grad_out, dtype=cdt)  # _tile_view needs a reshapeable layout
     tiles = call.tiles(backward=True)
+    call.prepare_bands(x, tiles)
     # Tiles of whole images write their grad_x directly from the worker.  Bands of rows of one
     # image add up their channels-last grad_x in tile order (so the sum does not depend on
     # thread timing), and the image's sum is copied into NCHW once.
