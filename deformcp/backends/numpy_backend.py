@@ -15,9 +15,10 @@ channels-last input ``X`` (:mod:`.numpy_sampling`)::
 Each convolution group is then one BLAS matrix product.
 
 The output is cut twice.  *Tiles* (ranges of images, or bands of rows of one
-image) are the unit of parallel work and of the workspace limit
-(:mod:`deformcp.workspace`): one per worker thread at a time, each with its own
-channels-last copy of its images and, in the backward pass, its own ``grad_X``.
+image when there are fewer images than workers) are the unit of parallel work and
+of the workspace limit (:mod:`deformcp.workspace`): one per worker thread at a
+time, each reading a channels-last copy of its images (the bands of one image share
+one) and, in the backward pass, with its own ``grad_X``.
 Each tile is then walked in *chunks* of a few thousand output pixels, which a
 thread takes through every stage in turn (sampling plan, sparse product, BLAS
 products, coordinate gradients) while its arrays are still in cache; the chunks
@@ -154,10 +155,10 @@ class _Call:
     def prepare_bands(self, x: np.ndarray, tiles: List[Tile]) -> None:
         """The channels-last copies of the images that ``tiles`` cut into bands, made by all the workers.
 
-        Bands exist only where there are fewer images than workers, so the copies of all of
-        them fit the limit that each worker's share of the limit allows one of.  Made here, in
-        pieces of rows on the worker threads, rather than by the first band to ask while the
-        image's other bands wait for it.
+        Bands exist only where there are fewer images than workers, and each worker's share
+        of the limit holds one image's copy, so these copies together stay within the limit.
+        Made here, in pieces of rows on the worker threads, rather than by the first band to
+        ask while the image's other bands wait for it.
         """
         geom = self.geom
         images = sorted({t.batch_start for t in tiles if t.out_rows < geom.out_h})
