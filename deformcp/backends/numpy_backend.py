@@ -65,7 +65,6 @@ class _Call:
 
     def __init__(self, geom: ConvGeometry, dtype, weight: Optional[np.ndarray]):
         self.geom = geom
-        self.dtype = np.dtype(dtype)
         self.cdt = compute_dtype(dtype)
         grid_rows, grid_cols = padded_grid(geom)
         self.grid_pixels = grid_rows * grid_cols  # per image in the channels-last copy
@@ -495,7 +494,6 @@ def _weight_gradient(go: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.matmul(go_g, cols.reshape(groups, images * pixels, kc))
 
 
-@np.errstate(invalid="ignore")
 def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, xg: np.ndarray,
                           gcols: np.ndarray, group: int, grads: dict) -> None:
     """Gradients of offset and mask for one offset group of one chunk, written into ``grads``.

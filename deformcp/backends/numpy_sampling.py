@@ -142,8 +142,6 @@ def padded_grid(geom: ConvGeometry) -> tuple:
     return geom.height + 2, geom.width + 2
 
 
-# Non-finite offsets are defined behaviour (docs/semantics.md), not numerical accidents to warn about.
-@np.errstate(invalid="ignore")
 def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndarray], group: int, *,
                   row_start: int, first_image: int, input_rows: int, dtype, index_dtype,
                   coordinate_corner: bool) -> SamplingPlan:
@@ -166,6 +164,9 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
         Floating type of the weights, integer type of the indices.
     coordinate_corner : bool
         Whether to compute :attr:`SamplingPlan.coordinate_corner` too.
+
+    Non-finite offsets are defined behaviour (docs/semantics.md); the backend calls this,
+    like all its numerical work, under an error state that does not warn about them.
     """
     kh, kw, k = geom.kernel_h, geom.kernel_w, geom.kernel_points
     height, width = geom.height, geom.width
