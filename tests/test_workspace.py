@@ -178,12 +178,16 @@ def test_public_sparse_operator_fallback_equals_kernels(spec, operation, rng, mo
     _assert_same(fallback, direct)
 
 
+def _geometry(problem):
+    """The validated geometry of ``problem``'s deform_conv2d call."""
+    shape = lambda a: None if a is None else a.shape  # noqa: E731
+    return conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
+                         shape(problem.bias), **problem.spec.kwargs)
+
+
 def _scratch_bytes(problem, operation):
     """The CPU backend's (bytes per chunk pixel, bytes per tile image) for ``operation`` on ``problem``."""
-    shape = lambda a: None if a is None else a.shape  # noqa: E731
-    geom = conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
-                         shape(problem.bias), **problem.spec.kwargs)
-    call = numpy_backend._Call(geom, problem.x.dtype, None)
+    call = numpy_backend._Call(_geometry(problem), problem.x.dtype, None)
     return call.scratch_bytes(backward=operation == "backward")
 
 
@@ -217,11 +221,8 @@ def test_int64_indices_equal_int32(spec, operation, rng, monkeypatch):
 
 def test_the_sampling_plan_refuses_an_index_type_too_small(rng):
     problem = make_problem(SPECS[0].values[0], rng)
-    shape = lambda a: None if a is None else a.shape  # noqa: E731
-    geom = conv_geometry(problem.x.shape, problem.offset.shape, shape(problem.mask), problem.weight.shape,
-                         shape(problem.bias), **problem.spec.kwargs)
     with pytest.raises(OverflowError, match="int16"):
-        numpy_sampling.sampling_plan(geom, problem.offset, problem.mask, 0, row_start=0, first_image=0,
+        numpy_sampling.sampling_plan(_geometry(problem), problem.offset, problem.mask, 0, row_start=0, first_image=0,
                                      input_rows=40000, dtype=np.float64, index_dtype=np.int16,
                                      coordinate_corner=False)
 
