@@ -8,16 +8,18 @@ as the caller's array type, on the caller's device).
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional
+import contextlib
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 from . import interop
-from .backends import backend_for
-from .dtypes import common_dtype
-from .geometry import IntPair, Padding, conv_geometry, im2col_geometry
+from .backends import backend_for_device
+from .dtypes import common_dtype, compute_dtype
+from .geometry import ConvGeometry, IntPair, Padding, conv_geometry, im2col_geometry
 
-__all__ = ["Gradients", "deform_conv2d", "deform_conv2d_backward", "deform_im2col"]
+__all__ = ["INPUT_NAMES", "Gradients", "deform_conv2d", "deform_conv2d_backward", "deform_im2col"]
 
-GRADIENT_NAMES = ("x", "offset", "mask", "weight", "bias")
+# The inputs of deform_conv2d, in its argument order; the gradients are named after them.
+INPUT_NAMES = ("x", "offset", "mask", "weight", "bias")
 
 
 class Gradients(NamedTuple):
@@ -36,6 +38,31 @@ class Gradients(NamedTuple):
 
 def _shape(array):
     return None if array is None else tuple(array.shape)
+
+
+@contextlib.contextmanager
+def _prepared(make_geometry: Callable[..., ConvGeometry], **named) -> Iterator[Tuple]:
+    """The one prelude of every public function: arrays in, validated, a backend chosen.
+
+    Converts the caller's arrays (:func:`deformcp.interop.native`), checks their dtypes,
+    validates their shapes into a geometry with ``make_geometry(**shapes)``, and picks the
+    backend of the device :mod:`~deformcp.interop` found, in that order, so nothing runs
+    before every check has passed.
+
+    Yields
+    ------
+    (call, geom, compute_dtype, backend)
+    """
+    with interop.native(**named) as call:
+        cdt = compute_dtype(common_dtype(**call.arrays))
+        geom = make_geometry(**{name: _shape(array) for name, array in call.arrays.items()})
+        yield call, geom, cdt, backend_for_device(call.device)
+
+
+def _conv_geometry(stride, padding, dilation):
+    def make(x, offset, mask, weight, bias, **_):
+        return conv_geometry(x, offset, mask, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    return make
 
 
 def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, padding: Padding = 0,
@@ -97,18 +124,15 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     >>> deformcp.deform_conv2d(x, offset, None, w, padding=1).shape
     (1, 6, 8, 8)
     """
-    with interop.native(x=x, offset=offset, mask=mask, weight=weight, bias=bias) as call:
+    with _prepared(_conv_geometry(stride, padding, dilation),
+                   x=x, offset=offset, mask=mask, weight=weight, bias=bias) as (call, geom, cdt, backend):
         a = call.arrays
-        backend = backend_for(a)
-        common_dtype(**a)
-        geom = conv_geometry(*map(_shape, (a["x"], a["offset"], a["mask"], a["weight"], a["bias"])),
-                             stride=stride, padding=padding, dilation=dilation)
-        return call.back(backend.forward(geom, a["x"], a["offset"], a["mask"], a["weight"], a["bias"]))
+        return call.back(backend.forward(geom, cdt, *(a[name] for name in INPUT_NAMES)))
 
 
 def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stride: IntPair = 1,
                            padding: Padding = 0, dilation: IntPair = 1,
-                           wrt: Iterable[str] = GRADIENT_NAMES) -> Gradients:
+                           wrt: Iterable[str] = INPUT_NAMES) -> Gradients:
     """Gradients of :func:`deform_conv2d` with respect to all five inputs.
 
     Parameters
@@ -141,29 +165,26 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
     ``py = -1`` and ``px = -1`` (see ``docs/semantics.md``).
     """
     wanted = frozenset(_checked_wrt(wrt))
-    with interop.native(grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, bias=bias) as call:
+    with _prepared(_conv_geometry(stride, padding, dilation), grad_out=grad_out,
+                   x=x, offset=offset, mask=mask, weight=weight, bias=bias) as (call, geom, cdt, backend):
         a = call.arrays
-        backend = backend_for(a)
-        common_dtype(**a)
-        geom = conv_geometry(*map(_shape, (a["x"], a["offset"], a["mask"], a["weight"], a["bias"])),
-                             stride=stride, padding=padding, dilation=dilation)
         if _shape(a["grad_out"]) != geom.out_shape:
             raise ValueError(f"grad_out must have the output's shape {geom.out_shape}, got {_shape(a['grad_out'])}")
         if mask is None:
             wanted -= {"mask"}
         if bias is None:
             wanted -= {"bias"}
-        grads = backend.backward(geom, a["grad_out"], a["x"], a["offset"], a["mask"], a["weight"], wanted)
-        return Gradients(*(call.back(grads.get(name)) for name in GRADIENT_NAMES))
+        grads = backend.backward(geom, cdt, a["grad_out"], *(a[name] for name in INPUT_NAMES[:4]), wanted)
+        return Gradients(*(call.back(grads.get(name)) for name in INPUT_NAMES))
 
 
 def _checked_wrt(wrt) -> list:
     if isinstance(wrt, str):
         wrt = (wrt,)
     names = list(wrt)
-    unknown = [n for n in names if n not in GRADIENT_NAMES]
+    unknown = [n for n in names if n not in INPUT_NAMES]
     if unknown:
-        raise ValueError(f"wrt must name inputs among {GRADIENT_NAMES}, got unknown {unknown}")
+        raise ValueError(f"wrt must name inputs among {INPUT_NAMES}, got unknown {unknown}")
     return names
 
 
@@ -190,10 +211,9 @@ def deform_im2col(x, offset, mask, kernel_size: IntPair, *, stride: IntPair = 1,
         ``(oy, ox)``.  With zero offsets and no mask it equals ``unfold``; for ``groups=1``,
         ``weight.reshape(C_out, -1) @ columns`` is the convolution.
     """
-    with interop.native(x=x, offset=offset, mask=mask) as call:
+    def make_geometry(x, offset, mask):
+        return im2col_geometry(x, offset, mask, kernel_size, stride=stride, padding=padding, dilation=dilation)
+
+    with _prepared(make_geometry, x=x, offset=offset, mask=mask) as (call, geom, cdt, backend):
         a = call.arrays
-        backend = backend_for(a)
-        common_dtype(**a)
-        geom = im2col_geometry(_shape(a["x"]), _shape(a["offset"]), _shape(a["mask"]), kernel_size,
-                               stride=stride, padding=padding, dilation=dilation)
-        return call.back(backend.im2col(geom, a["x"], a["offset"], a["mask"]))
+        return call.back(backend.im2col(geom, cdt, a["x"], a["offset"], a["mask"]))

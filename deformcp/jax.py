@@ -45,17 +45,16 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from . import api, interop
+from .api import INPUT_NAMES
 from .dtypes import common_dtype
 from .geometry import IntPair, Padding, conv_geometry, normalize_pair, normalize_padding
 
 __all__ = ["deform_conv2d"]
 
-_INPUTS = ("x", "offset", "mask", "weight", "bias")
 # Dimensions of each operand once vmap's leading axes are removed; all but weight and bias
 # start with the batch axis, into which mapped axes can be folded.
 _CORE_NDIM = {"grad_out": 4, "x": 4, "offset": 4, "mask": 4, "weight": 4, "bias": 1}
 _SHARED = ("weight", "bias")
-
 
 def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, padding: Padding = 0,
                   dilation: IntPair = 1):
@@ -87,22 +86,20 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     float64 needs ``jax_enable_x64``, as everywhere in JAX.  The module docstring
     says where the work runs on each platform.
     """
-    arrays = {name: None if a is None else jnp.asarray(a) for name, a in zip(_INPUTS, (x, offset, mask, weight, bias))}
+    arrays = {name: None if a is None else jnp.asarray(a) for name, a in zip(INPUT_NAMES, (x, offset, mask, weight, bias))}
     conv = (normalize_pair(stride, "stride"), normalize_padding(padding), normalize_pair(dilation, "dilation"))
     common_dtype(**arrays)
     _geometry(arrays, conv)
     return _deform_conv2d(*arrays.values(), *conv)
 
-
 def _geometry(arrays: Dict[str, Optional[jax.Array]], conv):
     stride, padding, dilation = conv
-    shapes = [None if arrays[n] is None else tuple(arrays[n].shape) for n in _INPUTS]
+    shapes = [None if arrays[n] is None else tuple(arrays[n].shape) for n in INPUT_NAMES]
     return conv_geometry(*shapes, stride=stride, padding=padding, dilation=dilation)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation):
-    arrays = dict(zip(_INPUTS, (x, offset, mask, weight, bias)))
+    arrays = dict(zip(INPUT_NAMES, (x, offset, mask, weight, bias)))
     conv = (stride, padding, dilation)
     out = jax.ShapeDtypeStruct(_geometry(arrays, conv).out_shape, x.dtype)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation)
@@ -114,20 +111,18 @@ def _deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation):
     (result,) = _call(run, fold, arrays, (out,))
     return result
 
-
 def _forward(x, offset, mask, weight, bias, stride, padding, dilation):
     values = [None if p is None else p.value for p in (x, offset, mask, weight, bias)]
     # Which gradients are wanted travels as the keys of a dict in the residuals: pytree
     # structure is static, so the backward pass sees plain Python values.
-    wanted = {name: None for name, p in zip(_INPUTS, (x, offset, mask, weight, bias)) if p is not None and p.perturbed}
+    wanted = {name: None for name, p in zip(INPUT_NAMES, (x, offset, mask, weight, bias)) if p is not None and p.perturbed}
     return _deform_conv2d(*values, stride, padding, dilation), (values, wanted)
-
 
 def _backward(stride, padding, dilation, residuals, grad_out):
     values, wanted = residuals
     if isinstance(grad_out, SymbolicZero) or not wanted:
-        return (None,) * len(_INPUTS)
-    arrays = dict(grad_out=grad_out, **dict(zip(_INPUTS, values)))
+        return (None,) * len(INPUT_NAMES)
+    arrays = dict(grad_out=grad_out, **dict(zip(INPUT_NAMES, values)))
     names = tuple(wanted)
     shapes = tuple(jax.ShapeDtypeStruct(arrays[n].shape, arrays[n].dtype) for n in names)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation)
@@ -140,11 +135,9 @@ def _backward(stride, padding, dilation, residuals, grad_out):
     # Per-example weight or bias gradients cannot come out of one folded batch.
     fold = lambda batched: not any(batched[n] for n in _SHARED) and not set(names) & set(_SHARED)  # noqa: E731
     grads = dict(zip(names, _call(run, fold, arrays, shapes)))
-    return tuple(grads.get(n) for n in _INPUTS)
-
+    return tuple(grads.get(n) for n in INPUT_NAMES)
 
 _deform_conv2d.defvjp(_forward, _backward, symbolic_zeros=True)
-
 
 def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
     """Run ``run`` (dict of backend arrays -> tuple of results) as a callback on ``arrays``' platform."""
@@ -175,11 +168,9 @@ def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
     in_place = buffer_callback(on_buffers, results, vmap_method="expand_dims")
     return jax.lax.platform_dependent(*operands, **dict.fromkeys(platforms, in_place), default=host)
 
-
 # Platforms whose device buffers the backends read and write in place (buffer_callback); the
 # others take the host callback.  The tests add "cpu" to run the in-place path without a GPU.
 _IN_PLACE_PLATFORMS = ("cuda",)
-
 
 @contextlib.contextmanager
 def _buffer_module(buffer, ctx):
@@ -195,7 +186,6 @@ def _buffer_module(buffer, ctx):
     with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream, device):
         yield cupy
 
-
 @functools.lru_cache(maxsize=None)
 def _cupy_available() -> bool:
     try:
@@ -204,7 +194,6 @@ def _cupy_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # ImportError, or CuPy present without a usable CUDA runtime or driver
         return False
-
 
 def _unmapped(run: Callable, fold: Callable, arrays: dict, xp) -> tuple:
     """Evaluate ``run`` on arrays that carry ``vmap``'s leading axes in front of their own.
@@ -217,21 +206,20 @@ def _unmapped(run: Callable, fold: Callable, arrays: dict, xp) -> tuple:
     leading = {n: a.shape[:a.ndim - _CORE_NDIM[n]] for n, a in arrays.items()}
     lead = np.broadcast_shapes(*leading.values())
     if not lead:
-        return run({**dict.fromkeys(_INPUTS), **arrays})
+        return run({**dict.fromkeys(INPUT_NAMES), **arrays})
     count = math.prod(lead)
     if fold({n: math.prod(leading.get(n, ())) > 1 for n in _SHARED}):
         folded = {n: _fold(a, lead, _CORE_NDIM[n], xp) if n not in _SHARED else a.reshape(a.shape[len(lead):])
                   for n, a in arrays.items()}
         return tuple(r.reshape(lead + (r.shape[0] // count,) + r.shape[1:])
-                     for r in run({**dict.fromkeys(_INPUTS), **folded}))
+                     for r in run({**dict.fromkeys(INPUT_NAMES), **folded}))
     per_example = []
     for index in np.ndindex(*lead):
         # Index size-1 (unmapped) axes with 0, so those operands broadcast over the others.
         picked = {n: a[tuple(i if s > 1 else 0 for i, s in zip(index, leading[n]))] for n, a in arrays.items()}
-        per_example.append(run({**dict.fromkeys(_INPUTS), **picked}))
+        per_example.append(run({**dict.fromkeys(INPUT_NAMES), **picked}))
     return tuple(xp.stack([r[k] for r in per_example]).reshape(lead + per_example[0][k].shape)
                  for k in range(len(per_example[0])))
-
 
 def _fold(array, lead, core_ndim: int, xp):
     """``array`` with leading axes ``lead`` (broadcast from size 1 where unmapped) merged into its batch axis."""

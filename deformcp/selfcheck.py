@@ -2,7 +2,7 @@
 
 For every backend found (the CPU always; the GPU when CuPy sees a device) the
 forward pass and all five gradients of a small built-in example are compared with
-the float64 loop reference (:mod:`deformcp.reference`), in float32 and float64.
+the float64 loop oracle (:mod:`deformcp.testing`), in float32 and float64.
 A short timing table follows.  The exit status is non-zero if any check fails.
 """
 
@@ -16,11 +16,10 @@ from typing import Callable, List
 
 import numpy as np
 
-from . import __version__, reference
-from .api import GRADIENT_NAMES, deform_conv2d, deform_conv2d_backward
-
-# float32 results against the float64 reference, by relative error.
-_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+from . import __version__
+from .api import INPUT_NAMES, deform_conv2d, deform_conv2d_backward
+from .geometry import ConvGeometry
+from .testing import TOLERANCE, loop_deform_conv2d, loop_deform_conv2d_backward, relative_error
 
 
 @dataclass(frozen=True)
@@ -64,38 +63,28 @@ def _versions() -> str:
 
 def _example(rng: np.random.Generator) -> dict:
     """A small DCNv2 problem with groups, offset groups, stride, dilation and asymmetric padding."""
-    x = rng.standard_normal((2, 4, 9, 8))
-    weight = rng.standard_normal((6, 2, 3, 2))
-    geometry = dict(stride=(1, 2), padding=(1, 0, 2, 1), dilation=(2, 1))
-    out_h, out_w = (9 + 3 - 4 - 1) // 1 + 1, (8 + 1 - 1 - 1) // 2 + 1
-    offset = rng.normal(0.0, 2.0, (2, 2 * 2 * 6, out_h, out_w))
-    mask = rng.uniform(0.0, 1.0, (2, 2 * 6, out_h, out_w))
-    bias = rng.standard_normal(6)
-    grad_out = rng.standard_normal((2, 6, out_h, out_w))
-    return dict(x=x, offset=offset, mask=mask, weight=weight, bias=bias, grad_out=grad_out, geometry=geometry)
-
-
-def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    actual = np.asarray(actual, np.float64)
-    if actual.shape != expected.shape or not np.isfinite(actual).all():
-        return float("inf")
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+    geom = ConvGeometry(batch=2, in_channels=4, height=9, width=8, out_channels=6, kernel_h=3, kernel_w=2,
+                        stride=(1, 2), padding=(1, 0, 2, 1), dilation=(2, 1), groups=2, offset_groups=2,
+                        has_mask=True, has_bias=True)
+    return dict(x=rng.standard_normal(geom.x_shape), offset=rng.normal(0.0, 2.0, geom.offset_shape),
+                mask=rng.uniform(0.0, 1.0, geom.mask_shape), weight=rng.standard_normal(geom.weight_shape),
+                bias=rng.standard_normal(geom.out_channels), grad_out=rng.standard_normal(geom.out_shape),
+                geometry=dict(stride=geom.stride, padding=geom.padding, dilation=geom.dilation))
 
 
 def check(backend: Backend, example: dict, expected: dict) -> List[tuple]:
     """Compare the backend's forward and five gradients with the reference; return result rows."""
     rows = []
     for dtype in ("float32", "float64"):
-        arrays = {k: backend.to_device(example[k].astype(dtype))
-                  for k in ("x", "offset", "mask", "weight", "bias", "grad_out")}
-        inputs = [arrays[k] for k in ("x", "offset", "mask", "weight", "bias")]
+        arrays = {k: backend.to_device(example[k].astype(dtype)) for k in ("grad_out", *INPUT_NAMES)}
+        inputs = [arrays[k] for k in INPUT_NAMES]
         y = deform_conv2d(*inputs, **example["geometry"])
         grads = deform_conv2d_backward(arrays["grad_out"], *inputs, **example["geometry"])
         results = [("forward", y, expected["forward"])]
-        results += [(f"grad_{n}", g, expected[n]) for n, g in zip(GRADIENT_NAMES, grads)]
+        results += [(f"grad_{n}", g, expected[n]) for n, g in zip(INPUT_NAMES, grads)]
         for what, got, want in results:
-            err = _relative_error(backend.to_host(got), want)
-            rows.append((backend.name, dtype, what, err, err <= _TOLERANCE[dtype]))
+            err = relative_error(backend.to_host(got), want)
+            rows.append((backend.name, dtype, what, err, err <= TOLERANCE[dtype]))
     return rows
 
 
@@ -148,13 +137,11 @@ def main(argv: List[str]) -> int:
         print("  (no GPU backend: CuPy is not installed or sees no CUDA device)")
 
     example = _example(np.random.default_rng())
-    forward = reference.deform_conv2d(*(example[k] for k in ("x", "offset", "mask", "weight", "bias")),
-                                      **example["geometry"])
-    expected = dict(forward=forward, **reference.deform_conv2d_backward(
-        example["grad_out"], *(example[k] for k in ("x", "offset", "mask", "weight", "bias")),
-        **example["geometry"]))
+    inputs = [example[k] for k in INPUT_NAMES]
+    expected = dict(forward=loop_deform_conv2d(*inputs, **example["geometry"]),
+                    **loop_deform_conv2d_backward(example["grad_out"], *inputs, **example["geometry"]))
 
-    print("\ncheck against the float64 loop reference (relative error):")
+    print("\ncheck against the float64 loop oracle (relative error):")
     failures = 0
     for backend in backends:
         for name, dtype, what, err, ok in check(backend, example, expected):

@@ -30,21 +30,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import api
+from .api import INPUT_NAMES
 from .geometry import IntPair, Padding, conv_geometry, normalize_pair, normalize_padding
 
 __all__ = ["DeformConv2d", "deform_conv2d"]
 
-_INPUTS = ("x", "offset", "mask", "weight", "bias")
-
-
 def _shape(tensor: Optional[Tensor]):
     return None if tensor is None else tuple(tensor.shape)
-
 
 def _geometry(x, offset, mask, weight, bias, stride, padding, dilation):
     return conv_geometry(_shape(x), _shape(offset), _shape(mask), _shape(weight), _shape(bias),
                          stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-
 
 @torch.library.custom_op("deformcp::deform_conv2d", mutates_args=())
 def _forward_op(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
@@ -53,12 +49,10 @@ def _forward_op(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tenso
     return api.deform_conv2d(x, offset, mask, weight, bias, stride=tuple(stride), padding=tuple(padding),
                              dilation=tuple(dilation)).contiguous()
 
-
 @_forward_op.register_fake
 def _forward_fake(x, offset, mask, weight, bias, stride, padding, dilation):
     geom = _geometry(x, offset, mask, weight, bias, stride, padding, dilation)
     return x.new_empty(geom.out_shape)
-
 
 @torch.library.custom_op("deformcp::deform_conv2d_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
@@ -69,11 +63,10 @@ def _backward_op(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Optional[Ten
     An operator cannot return None, so empty tensors stand in and the autograd
     formula maps them back to None.
     """
-    wrt = [name for name, want in zip(_INPUTS, wanted) if want]
+    wrt = [name for name, want in zip(INPUT_NAMES, wanted) if want]
     grads = api.deform_conv2d_backward(grad_out, x, offset, mask, weight, bias, stride=tuple(stride),
                                        padding=tuple(padding), dilation=tuple(dilation), wrt=wrt)
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
-
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, offset, mask, weight, bias, stride, padding, dilation, wanted):
@@ -82,12 +75,10 @@ def _backward_fake(grad_out, x, offset, mask, weight, bias, stride, padding, dil
     return tuple(t.new_empty(t.shape) if want and t is not None else x.new_empty(0)
                  for t, want in zip(inputs, wanted))
 
-
 def _setup_context(ctx, inputs, output):
     x, offset, mask, weight, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(x, offset, mask, weight, bias)
     ctx.conv_args = (stride, padding, dilation)
-
 
 def _backward(ctx, grad):
     x, offset, mask, weight, bias = ctx.saved_tensors
@@ -95,9 +86,7 @@ def _backward(ctx, grad):
     grads = _backward_op(grad, x, offset, mask, weight, bias, *ctx.conv_args, wanted)
     return tuple(g if want else None for g, want in zip(grads, wanted)) + (None, None, None)
 
-
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
-
 
 def deform_conv2d(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
                   *, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1) -> Tensor:
@@ -136,7 +125,6 @@ def deform_conv2d(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Ten
     return torch.ops.deformcp.deform_conv2d(x, offset, mask, weight, bias, list(normalize_pair(stride, "stride")),
                                             list(normalize_padding(padding)),
                                             list(normalize_pair(dilation, "dilation")))
-
 
 class DeformConv2d(nn.Module):
     """Deformable convolution layer that predicts its own offsets (and mask), as in DCNv2.

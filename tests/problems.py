@@ -14,6 +14,12 @@ from typing import Optional, Tuple
 import numpy as np
 from hypothesis import strategies as st
 
+import deformcp
+from deformcp.api import INPUT_NAMES
+from deformcp.geometry import ConvGeometry
+from deformcp import testing
+from deformcp.testing import TOLERANCE, assert_within_tolerance, relative_error  # noqa: F401 (re-exported)
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -32,12 +38,17 @@ class Spec:
     bias: bool = True
 
     @property
-    def out_size(self) -> Tuple[int, int]:
+    def geometry(self) -> ConvGeometry:
+        """The spec's geometry (unvalidated: hypothesis only draws valid specs); the output size is its."""
         pad = self.padding if len(self.padding) == 4 else (*self.padding, *self.padding)
-        kh, kw = self.kernel
-        oh = (self.height + pad[0] + pad[2] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        ow = (self.width + pad[1] + pad[3] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return oh, ow
+        return ConvGeometry(batch=self.batch, in_channels=self.in_channels, height=self.height, width=self.width,
+                            out_channels=self.out_channels, kernel_h=self.kernel[0], kernel_w=self.kernel[1],
+                            stride=self.stride, padding=pad, dilation=self.dilation, groups=self.groups,
+                            offset_groups=self.offset_groups, has_mask=self.mask, has_bias=self.bias)
+
+    @property
+    def out_size(self) -> Tuple[int, int]:
+        return self.geometry.out_h, self.geometry.out_w
 
     @property
     def kwargs(self) -> dict:
@@ -111,53 +122,28 @@ def specs(draw, max_batch: int = 3, max_size: int = 7, allow_empty_batch: bool =
                 dilation=dilation, mask=draw(st.booleans()), bias=draw(st.booleans()))
 
 
-def relative_error(actual, expected) -> float:
-    """``||actual - expected|| / ||expected||`` in float64; inf if anything is NaN (NaN never passes)."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
-    if np.isnan(a).any() or np.isnan(e).any():
-        return float("inf")
-    denom = np.linalg.norm(e)
-    num = np.linalg.norm(a - e)
-    if denom == 0:
-        return float(num)
-    return float(num / denom)
-
-
-# Relative-error tolerances per dtype against a float64 reference.
-TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
-
-
 # ---------------------------------------------------------------------------
 # Helpers shared by the core test modules (forward, gradients, properties,
 # invariants, dtypes, non-finite, workspace): run a Problem through deformcp or
 # through the float64 loop reference, and compare.
 # ---------------------------------------------------------------------------
 
-GRADIENT_NAMES = ("x", "offset", "mask", "weight", "bias")
 
 
 def run_forward(problem: Problem, **kwargs):
     """``deformcp.deform_conv2d`` on the problem's inputs and geometry (``kwargs`` override the geometry)."""
-    import deformcp
-
     return deformcp.deform_conv2d(*problem.inputs, **{**problem.spec.kwargs, **kwargs})
 
 
 def run_backward(problem: Problem, **kwargs) -> dict:
     """``deformcp.deform_conv2d_backward`` on the problem, as a dict keyed x/offset/mask/weight/bias."""
-    import deformcp
-
     grads = deformcp.deform_conv2d_backward(problem.grad_out, *problem.inputs,
                                             **{**problem.spec.kwargs, **kwargs})
-    return dict(zip(GRADIENT_NAMES, grads))
+    return dict(zip(INPUT_NAMES, grads))
 
 
 def run_im2col(problem: Problem, **kwargs):
     """``deformcp.deform_im2col`` on the problem, reshaped to the reference's (B, C, K, H_out, W_out)."""
-    import deformcp
-
     cols = deformcp.deform_im2col(problem.x, problem.offset, problem.mask, problem.spec.kernel,
                                   **{**problem.spec.kwargs, **kwargs})
     b, c = problem.x.shape[:2]
@@ -165,55 +151,32 @@ def run_im2col(problem: Problem, **kwargs):
     return cols.reshape(b, c, kh * kw, *problem.spec.out_size)
 
 
-# The loop reference is imported lazily so that this module stays importable on its own.
-def reference_forward(problem: Problem) -> np.ndarray:
+def loop_forward(problem: Problem) -> np.ndarray:
     """Float64 loop-reference forward pass of the problem (inputs read as float64)."""
-    import reference
-
-    return reference.deform_conv2d(*_float64(problem.inputs), **problem.spec.kwargs)
+    return testing.loop_deform_conv2d(*_float64(problem.inputs), **problem.spec.kwargs)
 
 
-def reference_backward(problem: Problem) -> dict:
+def loop_backward(problem: Problem) -> dict:
     """Float64 loop-reference gradients of the problem, keyed x/offset/mask/weight/bias."""
-    import reference
-
-    return reference.deform_conv2d_backward(*_float64((problem.grad_out, *problem.inputs)), **problem.spec.kwargs)
+    return testing.loop_deform_conv2d_backward(*_float64((problem.grad_out, *problem.inputs)), **problem.spec.kwargs)
 
 
-def reference_columns(problem: Problem) -> np.ndarray:
+def loop_columns(problem: Problem) -> np.ndarray:
     """Float64 loop-reference deformable im2col, shape (B, C, K, H_out, W_out)."""
-    import reference
-
     x, offset, mask = _float64((problem.x, problem.offset, problem.mask))
-    return reference.im2col(x, offset, mask, *problem.spec.kernel, **problem.spec.kwargs)
+    return testing.loop_im2col(x, offset, mask, *problem.spec.kernel, **problem.spec.kwargs)
 
 
 def _float64(arrays):
     return tuple(None if a is None else np.asarray(a, dtype=np.float64) for a in arrays)
 
 
-def assert_close(actual, expected, dtype_name: str = "float64", what: str = "result") -> None:
-    """Assert ``relative_error(actual, expected) <= TOLERANCE[dtype_name]`` (NaN never passes).
-
-    Parameters
-    ----------
-    actual, expected : array_like
-        Same shape (checked by :func:`relative_error`).
-    dtype_name : str
-        Key of :data:`TOLERANCE`.
-    what : str
-        Named in the failure message.
-    """
-    err = relative_error(actual, expected)
-    assert err <= TOLERANCE[dtype_name], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype_name]:g} ({dtype_name})"
-
-
 def assert_gradients_match(actual: dict, expected: dict, dtype_name: str = "float64") -> None:
     """Compare every gradient of ``actual`` with ``expected``; both must agree on which are None."""
-    for name in GRADIENT_NAMES:
+    for name in INPUT_NAMES:
         assert (actual[name] is None) == (expected[name] is None), f"grad_{name}: presence differs"
         if expected[name] is not None:
-            assert_close(actual[name], expected[name], dtype_name, f"grad_{name}")
+            assert_within_tolerance(actual[name], expected[name], dtype_name, f"grad_{name}")
 
 
 def nudge_offsets(offset: np.ndarray) -> np.ndarray:

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import deformcp
+from deformcp.api import INPUT_NAMES
 from deformcp.backends import cuda_kernels
-from emulation import oracle
+import backend_check
 from problems import TOLERANCE, Spec, make_problem, relative_error, specs
 
 pytestmark = pytest.mark.gpu
@@ -33,8 +34,8 @@ from deformcp.backends import cupy_backend  # noqa: E402  (imports CuPy, so only
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 
 
-def _outputs(problem, wrt=oracle.ALL) -> dict:
-    return oracle.outputs(cupy_backend, problem, cupy.asarray, cupy.asnumpy, wrt)
+def _outputs(problem, wrt=backend_check.ALL) -> dict:
+    return backend_check.backend_outputs(cupy_backend, problem, cupy.asarray, cupy.asnumpy, wrt)
 
 
 class _LaunchSpy:
@@ -62,8 +63,8 @@ class _LaunchSpy:
 def test_matches_numpy_backend(dtype, spec, seed):
     problem = make_problem(spec, np.random.default_rng(seed), dtype)
     actual = _outputs(problem)
-    assert set(actual) == oracle.expected_keys(problem)
-    oracle.assert_close(actual, oracle.reference(problem), dtype)
+    assert set(actual) == backend_check.expected_keys(problem)
+    backend_check.assert_outputs_close(actual, backend_check.numpy_twin_outputs(problem), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -77,8 +78,8 @@ def test_public_api_with_cupy_arrays(dtype):
     columns = deformcp.deform_im2col(*on_device[:3], spec.kernel, **spec.kwargs)
     assert isinstance(out, cupy.ndarray) and all(isinstance(g, cupy.ndarray) for g in grads)
     actual = {"forward": out, "im2col": columns,
-              **{f"grad_{name}": g for name, g in zip(oracle.GRADIENTS, grads)}}
-    oracle.assert_close({k: cupy.asnumpy(v) for k, v in actual.items()}, oracle.reference(problem), dtype)
+              **{f"grad_{name}": g for name, g in zip(INPUT_NAMES, grads)}}
+    backend_check.assert_outputs_close({k: cupy.asnumpy(v) for k, v in actual.items()}, backend_check.numpy_twin_outputs(problem), dtype)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_matches_torchvision(torchvision_cuda, dtype, spec, seed):
     expected.update({f"grad_{n}": t.grad.cpu().numpy() for n, t in tensors.items() if t is not None})
     actual = _outputs(problem)
     actual.pop("im2col")
-    oracle.assert_close(actual, expected, dtype)
+    backend_check.assert_outputs_close(actual, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -123,7 +124,7 @@ def test_64_bit_index_instances(dtype, monkeypatch):
     monkeypatch.setattr(cupy_backend, "_MIN_INDEX_BITS", 64)
     wide = _outputs(problem)
     assert spy.launches and {bits for _, _, bits, _ in spy.launches} == {64}
-    oracle.assert_close(wide, oracle.reference(problem), dtype)
+    backend_check.assert_outputs_close(wide, backend_check.numpy_twin_outputs(problem), dtype)
     for name in narrow:  # the same arithmetic, only wider indices; atomics may reorder grad_x
         tolerance = 0 if name != "grad_x" else TOLERANCE[dtype.name]
         assert relative_error(wide[name], narrow[name]) <= tolerance, name
@@ -139,7 +140,7 @@ def test_runs_on_the_current_stream(monkeypatch):
     assert spy.launches, "no kernel was launched"
     assert {ptr for *_, ptr in spy.launches} == {stream.ptr}
     assert stream.ptr != cupy.cuda.Stream.null.ptr
-    oracle.assert_close(actual, oracle.reference(problem), np.float32)
+    backend_check.assert_outputs_close(actual, backend_check.numpy_twin_outputs(problem), np.float32)
 
 
 def test_second_call_does_not_recompile():

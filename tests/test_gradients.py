@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import deformcp
-from problems import (EXAMPLE_SPECS, GRADIENT_NAMES, Spec, assert_close, assert_gradients_match, make_problem,
-                      nudge_offsets, reference_backward, run_backward, run_forward)
+from problems import (EXAMPLE_SPECS, INPUT_NAMES, Spec, assert_within_tolerance, assert_gradients_match, make_problem,
+                      nudge_offsets, loop_backward, run_backward, run_forward)
 
 SPEC_PARAMS = [pytest.param(spec, id=name) for name, spec in EXAMPLE_SPECS.items()]
 
@@ -19,13 +19,13 @@ SPEC_PARAMS = [pytest.param(spec, id=name) for name, spec in EXAMPLE_SPECS.items
 def test_gradients_match_reference(spec, rng):
     problem = make_problem(spec, rng)
     grads = run_backward(problem)
-    for name in GRADIENT_NAMES:
+    for name in INPUT_NAMES:
         value = getattr(problem, name)
         if value is None:
             assert grads[name] is None, f"grad_{name} must be None when {name} is None"
         else:
             assert grads[name].shape == value.shape and grads[name].dtype == np.float64
-    assert_gradients_match(grads, reference_backward(problem))
+    assert_gradients_match(grads, loop_backward(problem))
 
 
 @pytest.mark.parametrize("offset_step", [1.0, 0.5])
@@ -36,7 +36,7 @@ def test_gradients_on_lattice_offsets(spec, offset_step, rng):
     # gradient there is torchvision's one-sided (cell [n, n+1]) derivative.
     problem = make_problem(spec, rng)
     problem.offset = np.round(problem.offset / offset_step) * offset_step
-    assert_gradients_match(run_backward(problem), reference_backward(problem))
+    assert_gradients_match(run_backward(problem), loop_backward(problem))
 
 
 # --- finite differences ------------------------------------------------------
@@ -44,7 +44,7 @@ def test_gradients_on_lattice_offsets(spec, offset_step, rng):
 FD_SPECS = ("basic", "groups2_offset_groups2", "groups4_offset_groups2", "stride2", "asymmetric_padding",
             "dilation", "kernel_3x2", "no_mask_no_bias", "height1")
 FD_CASES = [pytest.param(EXAMPLE_SPECS[s], name, id=f"{s}-{name}")
-            for s in FD_SPECS for name in GRADIENT_NAMES
+            for s in FD_SPECS for name in INPUT_NAMES
             if not (name == "mask" and not EXAMPLE_SPECS[s].mask) and not (name == "bias" and not EXAMPLE_SPECS[s].bias)]
 
 
@@ -149,10 +149,10 @@ def test_wrt_selects_gradients(wrt, rng):
     full = run_backward(problem)
     part = run_backward(problem, wrt=wrt)
     wanted = (wrt,) if isinstance(wrt, str) else wrt
-    for name in GRADIENT_NAMES:
+    for name in INPUT_NAMES:
         if name in wanted:
             # The same computation as the full call, so the results agree to rounding.
-            assert_close(part[name], full[name], what=f"grad_{name}")
+            assert_within_tolerance(part[name], full[name], what=f"grad_{name}")
         else:
             assert part[name] is None, f"grad_{name} was not asked for"
 
@@ -169,7 +169,7 @@ def test_absent_mask_or_bias_gives_none(mask, bias, rng):
 def test_batch_zero_gradients(rng):
     problem = make_problem(Spec(batch=0, in_channels=4, out_channels=6, groups=2, offset_groups=2), rng)
     grads = run_backward(problem)
-    for name in GRADIENT_NAMES:
+    for name in INPUT_NAMES:
         assert grads[name].shape == getattr(problem, name).shape, name
         assert grads[name].dtype == np.float64
     # An empty batch contributes nothing: the weight and bias gradients are exact zeros.

@@ -16,8 +16,8 @@ import torch
 
 import deformcp
 from deformcp import interop
-from problems import GRADIENT_NAMES, Spec, assert_close, assert_gradients_match, make_problem
-import reference
+from problems import INPUT_NAMES, Spec, assert_within_tolerance, assert_gradients_match, make_problem
+from deformcp import testing
 
 SPEC = Spec(batch=2, in_channels=4, out_channels=4, groups=2, offset_groups=2, height=5, width=6,
             stride=(1, 2), padding=(1, 0, 2, 1))
@@ -32,9 +32,9 @@ def problem(rng):
 def _expected(problem):
     p = problem
     return dict(
-        forward=reference.deform_conv2d(*p.inputs, **p.spec.kwargs),
-        backward=reference.deform_conv2d_backward(p.grad_out, *p.inputs, **p.spec.kwargs),
-        im2col=reference.im2col(p.x, p.offset, p.mask, *p.spec.kernel, **p.spec.kwargs),
+        forward=testing.loop_deform_conv2d(*p.inputs, **p.spec.kwargs),
+        backward=testing.loop_deform_conv2d_backward(p.grad_out, *p.inputs, **p.spec.kwargs),
+        im2col=testing.loop_im2col(p.x, p.offset, p.mask, *p.spec.kernel, **p.spec.kwargs),
     )
 
 
@@ -52,12 +52,12 @@ def _run_all(convert, problem):
 
 def _check_all(results, expected, to_numpy, dtype_name, is_result):
     """Every result passes ``is_result`` (type, dtype, device) and matches the reference."""
-    grads = dict(zip(GRADIENT_NAMES, results["backward"]))
+    grads = dict(zip(INPUT_NAMES, results["backward"]))
     for what, r in (("forward", results["forward"]), ("im2col", results["im2col"]),
                     *((f"grad_{n}", g) for n, g in grads.items())):
         assert is_result(r), f"{what}: {type(r).__module__}.{type(r).__qualname__} {getattr(r, 'dtype', None)}"
-    assert_close(to_numpy(results["forward"]), expected["forward"], dtype_name, "forward")
-    assert_close(to_numpy(results["im2col"]).reshape(expected["im2col"].shape), expected["im2col"], dtype_name,
+    assert_within_tolerance(to_numpy(results["forward"]), expected["forward"], dtype_name, "forward")
+    assert_within_tolerance(to_numpy(results["im2col"]).reshape(expected["im2col"].shape), expected["im2col"], dtype_name,
                  "im2col")
     assert_gradients_match({n: to_numpy(g) for n, g in grads.items()}, expected["backward"], dtype_name)
 
@@ -90,7 +90,7 @@ def test_read_only_view_of_a_jax_array(problem):
     assert not x.flags.writeable
     p32 = problem.astype(np.float32)
     out = deformcp.deform_conv2d(x, *p32.inputs[1:], **p32.spec.kwargs)
-    assert_close(out, _expected(problem)["forward"], "float32")
+    assert_within_tolerance(out, _expected(problem)["forward"], "float32")
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -143,7 +143,7 @@ def test_torch_inputs_that_require_grad_give_plain_results(problem):
     tensors = [None if a is None else torch.from_numpy(a).requires_grad_() for a in problem.inputs]
     out = deformcp.deform_conv2d(*tensors, **problem.spec.kwargs)
     assert isinstance(out, torch.Tensor) and not out.requires_grad and out.grad_fn is None
-    assert_close(out.numpy(), _expected(problem)["forward"], "float64")
+    assert_within_tolerance(out.numpy(), _expected(problem)["forward"], "float64")
     grads = deformcp.deform_conv2d_backward(torch.from_numpy(problem.grad_out), *tensors, **problem.spec.kwargs)
     assert all(not g.requires_grad for g in grads)
     assert all(t.grad is None for t in tensors)
@@ -169,7 +169,7 @@ def test_torch_float16(problem):
     rounded = problem.astype(np.float16)
     out = deformcp.deform_conv2d(*(torch.from_numpy(a) for a in rounded.inputs), **problem.spec.kwargs)
     assert out.dtype == torch.float16
-    assert_close(out.numpy(), _expected(rounded.astype(np.float64))["forward"], "float16")
+    assert_within_tolerance(out.numpy(), _expected(rounded.astype(np.float64))["forward"], "float16")
 
 
 def test_gradients_of_absent_inputs_are_none(problem):
@@ -217,7 +217,7 @@ def test_jax_non_contiguous_numpy_mix(problem):
     rest = [None if a is None else np.asfortranarray(a) for a in p32.inputs[1:]]
     out = deformcp.deform_conv2d(jnp.asarray(p32.x), *rest, **p32.spec.kwargs)
     assert isinstance(out, jax.Array)
-    assert_close(np.asarray(out), _expected(problem)["forward"], "float32")
+    assert_within_tolerance(np.asarray(out), _expected(problem)["forward"], "float32")
 
 
 def test_jax_tracer_is_refused_with_a_pointer_to_the_adapter(problem):
@@ -235,7 +235,7 @@ def test_result_type_follows_x(problem):
     assert isinstance(out, torch.Tensor)
     out = deformcp.deform_conv2d(p.x, *(torch.from_numpy(a) for a in p.inputs[1:]), **p.spec.kwargs)
     assert isinstance(out, np.ndarray)
-    assert_close(out, _expected(problem)["forward"], "float64")
+    assert_within_tolerance(out, _expected(problem)["forward"], "float64")
 
 
 class _FakeDeviceArray:
@@ -302,11 +302,11 @@ def test_other_dlpack_producers(problem):
     expected = _expected(problem)["forward"]
     out = deformcp.deform_conv2d(*(None if a is None else _Producer(a) for a in p.inputs), **p.spec.kwargs)
     assert isinstance(out, np.ndarray)  # no array namespace to go back through
-    assert_close(out, expected, "float64")
+    assert_within_tolerance(out, expected, "float64")
     out = deformcp.deform_conv2d(*(None if a is None else _NamespacedProducer(a) for a in p.inputs),
                                  **p.spec.kwargs)
     assert isinstance(out, _NamespacedProducer)
-    assert_close(out._array, expected, "float64")
+    assert_within_tolerance(out._array, expected, "float64")
 
 
 def test_type_errors_come_before_dtype_and_shape_errors(problem):
@@ -356,8 +356,8 @@ def test_torch_cuda_round_trip_on_a_side_stream(problem, dtype, monkeypatch):
     assert seen == [side.cuda_stream]
     assert isinstance(out, torch.Tensor) and out.device == tensors[0].device and out.dtype == dtype
     rounded = [None if t is None else t.double().cpu().numpy() for t in tensors]
-    expected = reference.deform_conv2d(*rounded, **problem.spec.kwargs)
-    assert_close(result.numpy(), expected, "float32" if dtype == torch.float32 else "bfloat16")
+    expected = testing.loop_deform_conv2d(*rounded, **problem.spec.kwargs)
+    assert_within_tolerance(result.numpy(), expected, "float32" if dtype == torch.float32 else "bfloat16")
 
 
 @pytest.mark.gpu

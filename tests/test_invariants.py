@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import deformcp
-from problems import GRADIENT_NAMES, Spec, assert_close, make_problem, run_backward, run_forward, run_im2col
+from problems import INPUT_NAMES, Spec, assert_within_tolerance, make_problem, run_backward, run_forward, run_im2col
 
 # Larger than the loop-reference tests: the comparisons here are against torch or identities.
 CONV_SPECS = {
@@ -55,7 +55,7 @@ def test_zero_offsets_equal_convolution(spec, unit_mask, rng):
     if unit_mask:
         problem.mask = np.ones_like(problem.mask)
     expected = _torch_conv(_padded(problem.x, spec), problem.weight, problem.bias, spec)
-    assert_close(run_forward(problem), expected, what="forward")
+    assert_within_tolerance(run_forward(problem), expected, what="forward")
 
 
 @pytest.mark.parametrize("spec", CONV_PARAMS)
@@ -81,7 +81,7 @@ def test_integer_offsets_equal_convolution_of_shifted_input(spec, rng):
                                   margin + sy:margin + sy + ph, margin + sx:margin + sx + pw]
                               for g, (sy, sx) in enumerate(shifts)], axis=1)
     expected = _torch_conv(shifted, problem.weight, problem.bias, spec)
-    assert_close(run_forward(problem), expected, what="forward")
+    assert_within_tolerance(run_forward(problem), expected, what="forward")
 
 
 def _identity_weight(channels, kh, kw):
@@ -115,7 +115,7 @@ def test_adjoint_identity_behind_grad_x(spec, rng):
     flat = cols.reshape(spec.batch, -1, *spec.out_size)
     identity_problem = dataclasses.replace(problem, weight=weight, bias=None, grad_out=rng.standard_normal(flat.shape))
     # The construction itself: the convolution with this weight reproduces the columns.
-    assert_close(run_forward(identity_problem), flat, what="forward with the identity weight")
+    assert_within_tolerance(run_forward(identity_problem), flat, what="forward with the identity weight")
     c = identity_problem.grad_out
     grads = run_backward(identity_problem, wrt=("x", "mask"))
     lhs, rhs = np.sum(flat * c), np.sum(problem.x * grads["x"])
@@ -124,7 +124,7 @@ def test_adjoint_identity_behind_grad_x(spec, rng):
     unmasked = run_im2col(dataclasses.replace(problem, mask=None))
     g, k = spec.offset_groups, kh * kw
     expected = (c.reshape(cols.shape) * unmasked).reshape(spec.batch, g, -1, k, *spec.out_size).sum(axis=2)
-    assert_close(grads["mask"], expected.reshape(grads["mask"].shape), what="grad_mask")
+    assert_within_tolerance(grads["mask"], expected.reshape(grads["mask"].shape), what="grad_mask")
 
 
 @pytest.mark.parametrize("spec", [CONV_SPECS["basic"], CONV_SPECS["stride_dilation"], CONV_SPECS["non_square_kernel"]])
@@ -135,10 +135,10 @@ def test_groups1_convolution_is_weight_times_columns(spec, rng):
     cols = deformcp.deform_im2col(problem.x, problem.offset, problem.mask, spec.kernel, **spec.kwargs)
     wmat = problem.weight.reshape(spec.out_channels, -1)
     expected = np.einsum("ok,bkp->bop", wmat, cols) + problem.bias[:, None]
-    assert_close(run_forward(problem), expected.reshape(spec.batch, spec.out_channels, *spec.out_size))
+    assert_within_tolerance(run_forward(problem), expected.reshape(spec.batch, spec.out_channels, *spec.out_size))
     go = problem.grad_out.reshape(spec.batch, spec.out_channels, -1)
     grad_weight = np.einsum("bop,bkp->ok", go, cols).reshape(problem.weight.shape)
-    assert_close(run_backward(problem, wrt="weight")["weight"], grad_weight, what="grad_weight")
+    assert_within_tolerance(run_backward(problem, wrt="weight")["weight"], grad_weight, what="grad_weight")
 
 
 @pytest.mark.parametrize("spec", CONV_PARAMS)
@@ -148,9 +148,9 @@ def test_linear_in_mask(spec, rng):
     a, b = 0.7, -1.9
     at = lambda mask: dataclasses.replace(problem, mask=mask)  # noqa: E731
     combined = a * run_forward(at(m1)) + b * run_forward(at(m2))
-    assert_close(run_forward(at(a * m1 + b * m2)), combined, what="forward")
+    assert_within_tolerance(run_forward(at(a * m1 + b * m2)), combined, what="forward")
     combined_cols = a * run_im2col(at(m1)) + b * run_im2col(at(m2))
-    assert_close(run_im2col(at(a * m1 + b * m2)), combined_cols, what="im2col")
+    assert_within_tolerance(run_im2col(at(a * m1 + b * m2)), combined_cols, what="im2col")
 
 
 @pytest.mark.parametrize("spec", CONV_PARAMS)
@@ -168,12 +168,12 @@ def test_mask_none_equals_mask_of_ones(spec, rng):
     problem = make_problem(spec, rng)
     ones = dataclasses.replace(problem, mask=np.ones_like(problem.mask))
     none = dataclasses.replace(problem, mask=None)
-    assert_close(run_forward(none), run_forward(ones), what="forward")
-    assert_close(run_im2col(none), run_im2col(ones), what="im2col")
+    assert_within_tolerance(run_forward(none), run_forward(ones), what="forward")
+    assert_within_tolerance(run_im2col(none), run_im2col(ones), what="im2col")
     g_none, g_ones = run_backward(none), run_backward(ones)
     assert g_none["mask"] is None and g_ones["mask"] is not None
     for name in ("x", "offset", "weight") + (("bias",) if spec.bias else ()):
-        assert_close(g_none[name], g_ones[name], what=f"grad_{name}")
+        assert_within_tolerance(g_none[name], g_ones[name], what=f"grad_{name}")
 
 
 @pytest.mark.parametrize("spec", [CONV_SPECS["basic"], CONV_SPECS["groups"]])
@@ -185,13 +185,13 @@ def test_images_are_independent(spec, rng):
     for b in range(spec.batch):
         one = dataclasses.replace(problem, x=problem.x[b:b + 1], offset=problem.offset[b:b + 1],
                                   mask=problem.mask[b:b + 1], grad_out=problem.grad_out[b:b + 1])
-        assert_close(run_forward(one), out[b:b + 1], what=f"forward of image {b}")
+        assert_within_tolerance(run_forward(one), out[b:b + 1], what=f"forward of image {b}")
         g = run_backward(one)
         for name in ("x", "offset", "mask"):
-            assert_close(g[name], grads[name][b:b + 1], what=f"grad_{name} of image {b}")
+            assert_within_tolerance(g[name], grads[name][b:b + 1], what=f"grad_{name} of image {b}")
         per_image.append(g)
     for name in ("weight", "bias"):
-        assert_close(sum(g[name] for g in per_image), grads[name], what=f"grad_{name}")
+        assert_within_tolerance(sum(g[name] for g in per_image), grads[name], what=f"grad_{name}")
 
 
 def _strided_copy(a, rng):
@@ -204,7 +204,7 @@ def _strided_copy(a, rng):
     return view[..., ::-1]
 
 
-@pytest.mark.parametrize("name", [*GRADIENT_NAMES, "grad_out"])
+@pytest.mark.parametrize("name", [*INPUT_NAMES, "grad_out"])
 def test_memory_layout_does_not_matter(name, rng):
     # One input at a time as a non-contiguous, reversed-stride view: the results are identical.
     problem = make_problem(CONV_SPECS["groups"], rng)
@@ -213,13 +213,13 @@ def test_memory_layout_does_not_matter(name, rng):
     np.testing.assert_array_equal(run_forward(strided), run_forward(problem))
     np.testing.assert_array_equal(run_im2col(strided), run_im2col(problem))
     g_strided, g = run_backward(strided), run_backward(problem)
-    for grad in GRADIENT_NAMES:
+    for grad in INPUT_NAMES:
         np.testing.assert_array_equal(g_strided[grad], g[grad], err_msg=f"grad_{grad}")
 
 
 def test_inputs_are_not_modified(rng):
     problem = make_problem(CONV_SPECS["groups"], rng)
-    names = (*GRADIENT_NAMES, "grad_out")
+    names = (*INPUT_NAMES, "grad_out")
     before = {n: getattr(problem, n).copy() for n in names}
     run_forward(problem)
     run_im2col(problem)

@@ -10,8 +10,8 @@ import pytest
 
 import deformcp.jax as dj
 from deformcp import api
-from problems import EXAMPLE_SPECS, GRADIENT_NAMES, assert_close, assert_gradients_match, make_problem
-import reference
+from problems import EXAMPLE_SPECS, INPUT_NAMES, assert_within_tolerance, assert_gradients_match, make_problem
+from deformcp import testing
 
 SPECS = {name: EXAMPLE_SPECS[name] for name in ("basic", "groups2_offset_groups2", "stride2", "asymmetric_padding",
                                                  "dilation", "no_mask_no_bias")}
@@ -45,13 +45,13 @@ def _vjp_all(arrays, grad_out, kwargs):
 
     out, grads = run([arrays[i] for i in present], grad_out)
     by_index = dict(zip(present, grads))
-    return out, {name: by_index.get(i) for i, name in enumerate(GRADIENT_NAMES)}
+    return out, {name: by_index.get(i) for i, name in enumerate(INPUT_NAMES)}
 
 
 def _assert_gradients(grads, problem, dtype_name="float64"):
     """``grads`` against the reference's on ``problem`` (the inputs as given, in float64)."""
     exact = problem.astype(np.float64)
-    expected = reference.deform_conv2d_backward(exact.grad_out, *exact.inputs, **problem.spec.kwargs)
+    expected = testing.loop_deform_conv2d_backward(exact.grad_out, *exact.inputs, **problem.spec.kwargs)
     assert_gradients_match({n: None if g is None else np.asarray(g) for n, g in grads.items()}, expected, dtype_name)
 
 
@@ -60,7 +60,7 @@ def test_float64_values_and_gradients_against_reference(spec, rng, x64):
     problem = make_problem(spec, rng)
     out, grads = _vjp_all(_arrays(problem), jnp.asarray(problem.grad_out), spec.kwargs)
     assert out.dtype == jnp.float64
-    assert_close(out, reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
+    assert_within_tolerance(out, testing.loop_deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
     _assert_gradients(grads, problem)
 
 
@@ -71,7 +71,7 @@ def test_low_precision_values_and_gradients(dtype, name, rng):
     exact = rounded.astype(np.float64)
     out, grads = _vjp_all(_arrays(rounded), jnp.asarray(rounded.grad_out), spec.kwargs)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values() if g is not None)
-    assert_close(np.asarray(out), reference.deform_conv2d(*exact.inputs, **spec.kwargs), name, "forward")
+    assert_within_tolerance(np.asarray(out), testing.loop_deform_conv2d(*exact.inputs, **spec.kwargs), name, "forward")
     _assert_gradients(grads, rounded, name)
 
 
@@ -116,7 +116,7 @@ def test_vmap_over_inputs_folds_into_one_backend_call(rng, monkeypatch):
     f = lambda x, o, m: dj.deform_conv2d(x, o, m, shared[3], shared[4], **spec.kwargs)  # noqa: E731
     expected = _stack_of(f, xs, offsets, masks)
     calls = _record_calls(monkeypatch, "deform_conv2d")
-    assert_close(np.asarray(jax.vmap(f)(xs, offsets, masks)), np.asarray(expected), "float32", "vmap")
+    assert_within_tolerance(np.asarray(jax.vmap(f)(xs, offsets, masks)), np.asarray(expected), "float32", "vmap")
     assert len(calls) == 1 and calls[0][0][0].shape[0] == 3 * spec.batch
 
 
@@ -130,7 +130,7 @@ def test_vmap_over_weight_and_nested_vmap(rng):
     expected = jnp.stack([jnp.stack([f(xi, w) for w in weights]) for xi in xs])
     nested = jax.vmap(jax.vmap(f, in_axes=(None, 0)), in_axes=(0, None))(xs, weights)
     assert nested.shape == (2, 3) + x.shape[:1] + (spec.out_channels,) + x.shape[2:]
-    assert_close(np.asarray(nested), np.asarray(expected), "float32", "nested vmap")
+    assert_within_tolerance(np.asarray(nested), np.asarray(expected), "float32", "nested vmap")
 
 
 def test_vmap_of_grad_gives_per_example_gradients(rng):
@@ -146,7 +146,7 @@ def test_vmap_of_grad_gives_per_example_gradients(rng):
     batched = jax.jit(jax.vmap(grad, in_axes=(None, None, 0, None)))(weight, bias, xs, offset)
     for k, name in enumerate(("weight", "bias", "x", "offset")):
         expected = jnp.stack([grad(weight, bias, xi, offset)[k] for xi in xs])
-        assert_close(np.asarray(batched[k]), np.asarray(expected), "float32", f"per-example grad_{name}")
+        assert_within_tolerance(np.asarray(batched[k]), np.asarray(expected), "float32", f"per-example grad_{name}")
 
 
 def test_grad_of_a_vmapped_loss_sums_over_examples(rng):
@@ -160,9 +160,9 @@ def test_grad_of_a_vmapped_loss_sums_over_examples(rng):
         total = lambda w: jnp.vdot(jax.vmap(lambda x, o: dj.deform_conv2d(x, o, None, w, **spec.kwargs))(xs, offsets),
                                    g_out)  # noqa: E731
         actual = np.asarray(jax.grad(total)(weight))
-    expected = sum(reference.deform_conv2d_backward(p.grad_out, p.x, p.offset, None, examples[0].weight, None,
+    expected = sum(testing.loop_deform_conv2d_backward(p.grad_out, p.x, p.offset, None, examples[0].weight, None,
                                                     **spec.kwargs)["weight"] for p in examples)
-    assert_close(actual, expected, "float64", "grad_weight")
+    assert_within_tolerance(actual, expected, "float64", "grad_weight")
 
 
 def test_bad_input_fails_at_trace_time_naming_the_argument(rng):
@@ -203,13 +203,13 @@ def _check_in_place_path(rng, callback_target):
     assert callback_target in hlo
     out, grads = _vjp_all(arrays, jnp.asarray(problem.grad_out), spec.kwargs)
     assert out.devices() == arrays[0].devices()
-    assert_close(np.asarray(out), reference.deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
+    assert_within_tolerance(np.asarray(out), testing.loop_deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
     _assert_gradients(grads, problem)
     xs = jnp.stack([arrays[0], 2 * arrays[0]])
     weights = jnp.stack([arrays[3], -arrays[3]])
     f = lambda x, w: dj.deform_conv2d(x, arrays[1], arrays[2], w, arrays[4], **spec.kwargs)  # noqa: E731
-    assert_close(np.asarray(jax.vmap(f)(xs, weights)), np.asarray(_stack_of(f, xs, weights)), "float64", "vmap")
-    assert_close(np.asarray(jax.vmap(f, in_axes=(0, None))(xs, arrays[3])),
+    assert_within_tolerance(np.asarray(jax.vmap(f)(xs, weights)), np.asarray(_stack_of(f, xs, weights)), "float64", "vmap")
+    assert_within_tolerance(np.asarray(jax.vmap(f, in_axes=(0, None))(xs, arrays[3])),
                  np.asarray(_stack_of(f, xs, [arrays[3]] * 2)), "float64", "folded vmap")
 
 

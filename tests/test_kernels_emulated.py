@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from deformcp.backends import cuda_kernels
 from deformcp.workspace import workspace_limit
-from emulation import build, fake_cupy, oracle
+import backend_check
+from deformcp.api import INPUT_NAMES
+from emulation import build, fake_cupy
 from problems import TOLERANCE, Spec, make_problem, relative_error, specs
 
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
@@ -32,8 +34,8 @@ def gpu():
         yield backend
 
 
-def _outputs(backend, problem, wrt=oracle.ALL) -> dict:
-    return oracle.outputs(backend, problem, fake_cupy.asarray, np.asarray, wrt)
+def _outputs(backend, problem, wrt=backend_check.ALL) -> dict:
+    return backend_check.backend_outputs(backend, problem, fake_cupy.asarray, np.asarray, wrt)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -42,8 +44,8 @@ def _outputs(backend, problem, wrt=oracle.ALL) -> dict:
 def test_kernels_match_numpy_backend(gpu, dtype, spec, seed):
     problem = make_problem(spec, np.random.default_rng(seed), dtype)
     actual = _outputs(gpu, problem)
-    assert set(actual) == oracle.expected_keys(problem)
-    oracle.assert_close(actual, oracle.reference(problem), dtype)
+    assert set(actual) == backend_check.expected_keys(problem)
+    backend_check.assert_outputs_close(actual, backend_check.numpy_twin_outputs(problem), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -59,12 +61,12 @@ def test_64_bit_index_instances(gpu, dtype, monkeypatch):
     assert len(names) == 3 and all(name.endswith(", long long>") for name in names), names
     for name in narrow:
         np.testing.assert_array_equal(wide[name], narrow[name], err_msg=name)
-    oracle.assert_close(wide, oracle.reference(problem), dtype)
+    backend_check.assert_outputs_close(wide, backend_check.numpy_twin_outputs(problem), dtype)
 
 
 def test_index_width_follows_element_counts(gpu):
-    geom = oracle.geometry(make_problem(Spec(batch=1), np.random.default_rng(0)))
-    launch = gpu._Launch(geom, fake_cupy.zeros(geom.x_shape, np.float32), {})
+    geom = Spec(batch=1).geometry
+    launch = gpu._Launch(geom, np.dtype(np.float32), fake_cupy.zeros(geom.x_shape, np.float32))
     headroom = launch.max_blocks * gpu._THREADS_PER_BLOCK
     launch.choose_index_width(10, 2**31 - 1 - headroom)
     assert launch.index_bits == 32
@@ -77,7 +79,7 @@ def test_tiles_of_images_and_of_rows(gpu, dtype):
     spec = Spec(batch=3, in_channels=4, height=9, width=7, out_channels=4, kernel=(3, 3), offset_groups=2,
                 padding=(1, 2, 0, 1))
     problem = make_problem(spec, np.random.default_rng(3), dtype)
-    expected = oracle.reference(problem)
+    expected = backend_check.numpy_twin_outputs(problem)
     # One image per tile, then a few output rows per tile.
     for limit in (6000, 1500):
         fake_cupy.launches.clear()
@@ -85,7 +87,7 @@ def test_tiles_of_images_and_of_rows(gpu, dtype):
             actual = _outputs(gpu, problem)
         im2col_launches = sum(1 for launch in fake_cupy.launches if "im2col" in launch.name)
         assert im2col_launches > 3, f"limit {limit}: expected several tiles, got {im2col_launches} im2col launches"
-        oracle.assert_close(actual, expected, dtype)
+        backend_check.assert_outputs_close(actual, expected, dtype)
 
 
 def test_empty_batch_launches_nothing(gpu):
@@ -99,7 +101,7 @@ def test_empty_batch_launches_nothing(gpu):
     np.testing.assert_array_equal(actual["grad_bias"], np.zeros_like(problem.bias))
 
 
-@pytest.mark.parametrize("name", oracle.GRADIENTS)
+@pytest.mark.parametrize("name", INPUT_NAMES)
 def test_each_gradient_alone(gpu, name):
     problem = make_problem(Spec(offset_groups=2, groups=2), np.random.default_rng(11), np.float64)
     everything = _outputs(gpu, problem)
@@ -145,7 +147,7 @@ def _special_values_problem(dtype) -> tuple:
 def test_nan_and_infinity_rules(gpu, dtype):
     problem = _special_values_problem(dtype)
     actual = _outputs(gpu, problem)
-    expected = oracle.reference(problem)
+    expected = backend_check.numpy_twin_outputs(problem)
     tolerance = TOLERANCE[np.dtype(dtype).name]
     for name, value in expected.items():
         got = actual[name].astype(np.float64)

@@ -16,7 +16,7 @@ import deformcp
 from deformcp.backends import numpy_backend, numpy_sampling
 from deformcp.geometry import conv_geometry
 from deformcp.workspace import DEFAULT_WORKSPACE_BYTES, Tile, plan_tiles
-from problems import GRADIENT_NAMES, Spec, make_problem, relative_error, run_backward, run_forward, run_im2col
+from problems import INPUT_NAMES, Spec, make_problem, relative_error, run_backward, run_forward, run_im2col
 
 SPECS = [pytest.param(s, id=n) for n, s in {
     "groups": Spec(batch=3, in_channels=4, out_channels=6, groups=2, offset_groups=2, height=9, width=7),

@@ -19,8 +19,8 @@ images and output rows under the workspace limit (:mod:`deformcp.workspace`).
 Everything runs on the device of ``x`` and on CuPy's current stream, with no host
 synchronisation.  Kernels use 32-bit index arithmetic unless an element count needs 64.
 
-This module imports CuPy; :func:`deformcp.backends.backend_for` imports it only when a
-CuPy array arrives.
+This module imports CuPy; :func:`deformcp.backends.backend_for_device` imports it only
+when CUDA arrays arrive.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Optional
 import cupy
 import numpy as np
 
-from ..dtypes import compute_dtype, is_half
+from ..dtypes import is_half
 from ..geometry import ConvGeometry
 from ..workspace import Tile, plan_tiles
 from .cuda_kernels import get_kernel
@@ -56,16 +56,11 @@ def _max_blocks(device_id: int) -> int:
 class _Launch:
     """What every kernel launch of one call shares: device, types, geometry arguments."""
 
-    def __init__(self, geom: ConvGeometry, x, arrays: dict):
-        if not cupy.cuda.is_available():
-            raise RuntimeError("deformcp received CuPy arrays, but CUDA is not usable here (no device or driver)")
+    def __init__(self, geom: ConvGeometry, acc: np.dtype, x):
         self.geom = geom
         self.device_id = int(x.device.id)
-        for name, array in arrays.items():
-            if array is not None and int(array.device.id) != self.device_id:
-                raise ValueError(f"{name} is on CUDA device {array.device.id}, but x is on device {self.device_id}")
         self.dtype = np.dtype(x.dtype)
-        self.acc = compute_dtype(self.dtype)
+        self.acc = acc
         self.max_blocks = _max_blocks(self.device_id)
         self.index = np.int32 if _MIN_INDEX_BITS == 32 else np.int64
 
@@ -124,11 +119,11 @@ def _weight_matrix(launch: _Launch, weight):
         geom.groups, geom.out_channels_per_group, geom.channels_per_group * geom.kernel_points)
 
 
-def forward(geom: ConvGeometry, x, offset, mask, weight, bias):
+def forward(geom: ConvGeometry, acc: np.dtype, x, offset, mask, weight, bias):
     """Deformable convolution on CuPy arrays; see :func:`deformcp.deform_conv2d`."""
     x, offset, mask, weight = _contiguous(x, offset, mask, weight)
     with x.device:
-        launch = _Launch(geom, x, dict(offset=offset, mask=mask, weight=weight, bias=bias))
+        launch = _Launch(geom, acc, x)
         out = cupy.empty(geom.out_shape, dtype=launch.dtype)
         rows = geom.in_channels * geom.kernel_points
         s = launch.acc.itemsize
@@ -148,11 +143,11 @@ def forward(geom: ConvGeometry, x, offset, mask, weight, bias):
     return out
 
 
-def im2col(geom: ConvGeometry, x, offset, mask):
+def im2col(geom: ConvGeometry, acc: np.dtype, x, offset, mask):
     """Deformable im2col on CuPy arrays; see :func:`deformcp.deform_im2col`."""
     x, offset, mask = _contiguous(x, offset, mask)
     with x.device:
-        launch = _Launch(geom, x, dict(offset=offset, mask=mask))
+        launch = _Launch(geom, acc, x)
         out = cupy.empty(geom.columns_shape, dtype=launch.dtype)
         rows, pixels = geom.in_channels * geom.kernel_points, geom.out_pixels
         if not is_half(launch.dtype):
@@ -171,15 +166,15 @@ def im2col(geom: ConvGeometry, x, offset, mask):
     return out
 
 
-def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
+def backward(geom: ConvGeometry, acc: np.dtype, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
     """The gradients named in ``wrt`` on CuPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
     Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
     """
     grad_out, x, offset, mask, weight = _contiguous(grad_out, x, offset, mask, weight)
     with x.device:
-        launch = _Launch(geom, x, dict(grad_out=grad_out, offset=offset, mask=mask, weight=weight))
-        acc, dtype = launch.acc, launch.dtype
+        launch = _Launch(geom, acc, x)
+        dtype = launch.dtype
         grads = {}
         if "bias" in wrt:
             grads["bias"] = grad_out.astype(acc, copy=False).sum(axis=(0, 2, 3)).astype(dtype, copy=False)

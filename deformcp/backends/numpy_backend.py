@@ -38,7 +38,6 @@ from typing import Callable, Deque, Iterator, List, Optional
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ..dtypes import compute_dtype
 from ..geometry import ConvGeometry
 from ..workspace import Tile, get_workspace_limit, plan_tiles
 from .numpy_sampling import SamplingPlan, padded_grid, sampling_plan
@@ -63,9 +62,9 @@ _TRANSPOSE_BLOCK = (2048, 16)
 class _Call:
     """State shared by the tiles of one call: geometry, dtypes, the weight as per-group matrices."""
 
-    def __init__(self, geom: ConvGeometry, dtype, weight: Optional[np.ndarray]):
+    def __init__(self, geom: ConvGeometry, cdt: np.dtype, weight: Optional[np.ndarray]):
         self.geom = geom
-        self.cdt = compute_dtype(dtype)
+        self.cdt = cdt
         grid_rows, grid_cols = padded_grid(geom)
         self.grid_pixels = grid_rows * grid_cols  # per image in the channels-last copy
         # scipy's sparse kernels are fastest with 32-bit indices; 64-bit only when a count needs it.
@@ -325,9 +324,13 @@ def _blas_threads(n: int):
 
 
 @_quiet
-def forward(geom: ConvGeometry, x, offset, mask, weight, bias) -> np.ndarray:
-    """Deformable convolution on NumPy arrays; see :func:`deformcp.deform_conv2d`."""
-    call = _Call(geom, x.dtype, weight)
+def forward(geom: ConvGeometry, cdt: np.dtype, x, offset, mask, weight, bias) -> np.ndarray:
+    """Deformable convolution on NumPy arrays; see :func:`deformcp.deform_conv2d`.
+
+    ``cdt`` is the compute dtype (:func:`deformcp.dtypes.compute_dtype` of the inputs' dtype);
+    the result has ``x``'s dtype.  The other two functions take the same leading arguments.
+    """
+    call = _Call(geom, cdt, weight)
     out = np.empty(geom.out_shape, dtype=x.dtype)
     groups, cout = geom.groups, geom.out_channels_per_group
     bias_c = None if bias is None else bias.astype(call.cdt, copy=False).reshape(groups, 1, 1, cout)
@@ -371,9 +374,9 @@ def _blocked_copy(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 @_quiet
-def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
+def im2col(geom: ConvGeometry, cdt: np.dtype, x, offset, mask) -> np.ndarray:
     """Deformable im2col on NumPy arrays; see :func:`deformcp.deform_im2col`."""
-    call = _Call(geom, x.dtype, None)
+    call = _Call(geom, cdt, None)
     k = geom.kernel_points
     out = np.empty((geom.batch, geom.in_channels, k, geom.out_h, geom.out_w), dtype=x.dtype)
     tiles = call.tiles(backward=False)
@@ -394,13 +397,12 @@ def im2col(geom: ConvGeometry, x, offset, mask) -> np.ndarray:
 
 
 @_quiet
-def backward(geom: ConvGeometry, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
+def backward(geom: ConvGeometry, cdt: np.dtype, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
     """The gradients named in ``wrt`` on NumPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
     Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
     """
-    call = _Call(geom, x.dtype, weight)
-    cdt = call.cdt
+    call = _Call(geom, cdt, weight)
     k, cg = geom.kernel_points, geom.channels_per_offset_group
     need_cols_grad = bool(wrt & {"x", "offset", "mask"})
     coordinates = bool(wrt & {"offset", "mask"})

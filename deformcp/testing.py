@@ -1,10 +1,13 @@
-"""A float64 brute-force reference for deformable convolution.
+"""Testing helpers, after :mod:`numpy.testing`: the float64 loop oracle, one relative error, one tolerance table.
 
-Written straight from ``docs/semantics.md`` with explicit Python loops, sharing
-no code with the backends, so that it can check them: the test suite and
-``python -m deformcp`` compare every backend against it.  Slow by design: use it
-on small problems only.  Arguments are NumPy arrays and the geometry keywords of
-:func:`deformcp.deform_conv2d`; results are float64.
+The oracle (:func:`loop_im2col`, :func:`loop_deform_conv2d`,
+:func:`loop_deform_conv2d_backward`) is written straight from ``docs/semantics.md``
+with explicit Python loops and shares no code with the backends, so that it can check
+them: the test suite, ``python -m deformcp`` and the benchmarks' agreement checks
+compare against it or with :func:`relative_error` under :data:`TOLERANCE`.  The
+oracle is slow by design: use it on small problems only.  Its arguments are NumPy
+arrays and the geometry keywords of :func:`deformcp.deform_conv2d`; its results are
+float64.
 """
 
 from __future__ import annotations
@@ -12,6 +15,64 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+__all__ = ["TOLERANCE", "assert_within_tolerance", "loop_deform_conv2d", "loop_deform_conv2d_backward",
+           "loop_im2col", "relative_error"]
+
+# The relative error (:func:`relative_error`) each dtype's results may have against a
+# float64 computation of the same inputs.  The half types are computed in float32 and
+# rounded once, so their bound is a few units of their last place.
+TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+def relative_error(actual, expected) -> float:
+    """``||actual - expected|| / ||expected||``, computed in float64.
+
+    The one rule for what does not compare: a shape mismatch, or a NaN or an infinity
+    in either array, gives ``inf``, so that a non-finite value never passes a tolerance
+    unnoticed (tests of non-finite patterns compare them explicitly).  Where
+    ``expected`` is all zeros the absolute error is returned.
+
+    Parameters
+    ----------
+    actual, expected : array_like
+
+    Returns
+    -------
+    float
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape or not (np.isfinite(actual).all() and np.isfinite(expected).all()):
+        return float("inf")
+    scale = np.linalg.norm(expected)
+    difference = np.linalg.norm(actual - expected)
+    return float(difference / scale) if scale > 0 else float(difference)
+
+
+def assert_within_tolerance(actual, expected, dtype="float64", what: str = "result") -> None:
+    """Assert that ``relative_error(actual, expected) <= TOLERANCE[dtype]``.
+
+    Parameters
+    ----------
+    actual, expected : array_like
+    dtype : str or dtype
+        The dtype whose tolerance applies (``actual``'s dtype, usually).
+    what : str
+        Named in the failure message.
+
+    Raises
+    ------
+    AssertionError
+        With the shapes when they differ, otherwise with the error and the tolerance.
+    """
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    tolerance = TOLERANCE[name]
+    actual_shape, expected_shape = np.shape(actual), np.shape(expected)
+    assert actual_shape == expected_shape, f"{what}: shape {actual_shape}, expected {expected_shape}"
+    error = relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.3g} > {tolerance:g} ({name})"
+
 
 
 def _bilinear(img, h, w, y, x):
@@ -70,7 +131,7 @@ def _positions(x_shape, offset, kh, kw, stride, padding, dilation):
                             yield b, g, i, j, k, oy, ox, py, px
 
 
-def im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
+def loop_im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
     """Columns of shape (B, C, kh*kw, H_out, W_out), float64."""
     x = np.asarray(x, np.float64)
     B, C, H, W = x.shape
@@ -85,7 +146,7 @@ def im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
     return cols
 
 
-def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
+def loop_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
     """Forward pass in float64."""
     x, offset, weight = (np.asarray(a, np.float64) for a in (x, offset, weight))
     mask = None if mask is None else np.asarray(mask, np.float64)
@@ -93,7 +154,7 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilat
     B, C = x.shape[:2]
     groups = C // cpg
     opg = Cout // groups
-    cols = im2col(x, offset, mask, kh, kw, stride, padding, dilation)
+    cols = loop_im2col(x, offset, mask, kh, kw, stride, padding, dilation)
     Ho, Wo = cols.shape[3], cols.shape[4]
     y = np.zeros((B, Cout, Ho, Wo))
     for o in range(Cout):
@@ -106,7 +167,7 @@ def deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilat
     return y
 
 
-def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
+def loop_deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
     """All five gradients in float64, as a dict keyed by input name (mask/bias None when absent)."""
     grad_out, x, offset, weight = (np.asarray(a, np.float64) for a in (grad_out, x, offset, weight))
     mask = None if mask is None else np.asarray(mask, np.float64)
@@ -117,7 +178,7 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, stride=
     groups = C // cpg
     opg = Cout // groups
     K = kh * kw
-    cols = im2col(x, offset, mask, kh, kw, stride, padding, dilation)
+    cols = loop_im2col(x, offset, mask, kh, kw, stride, padding, dilation)
     # grad_columns[b, c, k, oy, ox] = sum_o weight[o, c', k] * grad_out[b, o]
     gcols = np.zeros_like(cols)
     gw = np.zeros_like(weight)
