@@ -45,7 +45,7 @@ __device__ __forceinline__ void atomic_accumulate(acc_t<scalar_t>* address, acc_
 }
 
 // The geometry every kernel receives, as individual scalar arguments in this
-// order (cupy_backend._geometry_args builds them in the same order).  They are
+// order (cupy_backend._Launch.geometry_args builds them in the same order).  They are
 // plain scalars rather than a struct so that CuPy passes each with its exact
 // C type.  A tile covers images [batch_start, batch_start + tile_batch) and
 // output rows [row_start, row_start + tile_rows); the column matrix of a tile
