@@ -20,6 +20,8 @@ __all__ = ["INPUT_NAMES", "Gradients", "deform_conv2d", "deform_conv2d_backward"
 
 # The inputs of deform_conv2d, in its argument order; the gradients are named after them.
 INPUT_NAMES = ("x", "offset", "mask", "weight", "bias")
+# The arrays that may not be None where a function takes them (mask and bias are optional).
+_REQUIRED = ("grad_out", "x", "offset", "weight")
 
 
 class Gradients(NamedTuple):
@@ -53,6 +55,9 @@ def _prepared(make_geometry: Callable[..., ConvGeometry], **named) -> Iterator[T
     ------
     (call, geom, compute_dtype, backend)
     """
+    for name in _REQUIRED:
+        if name in named and named[name] is None:
+            raise TypeError(f"{name} must be an array, got None (only mask and bias may be None)")
     with interop.native(**named) as call:
         cdt = compute_dtype(common_dtype(**call.arrays))
         geom = make_geometry(**{name: _shape(array) for name, array in call.arrays.items()})
@@ -181,7 +186,13 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
 def _checked_wrt(wrt) -> list:
     if isinstance(wrt, str):
         wrt = (wrt,)
-    names = list(wrt)
+    try:
+        names = list(wrt)
+    except TypeError:
+        raise TypeError(f"wrt must be a name or an iterable of names among {INPUT_NAMES}, "
+                        f"got {type(wrt).__name__} {wrt!r}") from None
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"wrt must name inputs among {INPUT_NAMES} by string, got {names!r}")
     unknown = [n for n in names if n not in INPUT_NAMES]
     if unknown:
         raise ValueError(f"wrt must name inputs among {INPUT_NAMES}, got unknown {unknown}")

@@ -21,14 +21,20 @@ def common_dtype(**arrays) -> np.dtype:
     Raises
     ------
     TypeError
-        If an array's dtype is not one of float16, bfloat16, float32, float64, or
-        if the arrays do not all share one dtype.  The message names the argument.
+        If an array's dtype is not one of float16, bfloat16, float32, float64, is not
+        in the machine's byte order, or if the arrays do not all share one dtype.  The
+        message names the argument.
     """
     found = {}
     for name, array in arrays.items():
         if array is None:
             continue
         dtype = np.dtype(array.dtype)
+        if not dtype.isnative:
+            raise TypeError(
+                f"{name} has non-native byte order ({dtype.str}); deformcp computes in the machine's byte "
+                f"order: pass {name}.astype({dtype.newbyteorder('=').str!r})"
+            )
         if dtype.name not in SUPPORTED_DTYPE_NAMES:
             raise TypeError(
                 f"{name} must be a floating array of one of {', '.join(SUPPORTED_DTYPE_NAMES)}, "

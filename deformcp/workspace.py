@@ -34,19 +34,31 @@ DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
 
 def _checked_limit(nbytes, source: str) -> int:
+    """``nbytes`` as a positive int; a str (or a bool, or a float) is refused, not parsed."""
     try:
         if isinstance(nbytes, bool):
             raise TypeError
-        value = int(nbytes, 10) if isinstance(nbytes, str) else operator.index(nbytes)
-    except (TypeError, ValueError):
-        raise TypeError(f"{source} must be an integer number of bytes, got {nbytes!r}") from None
+        value = operator.index(nbytes)
+    except TypeError:
+        raise TypeError(f"{source} must be an integer number of bytes, got {type(nbytes).__name__} "
+                        f"{nbytes!r}") from None
     if value < 1:
         raise ValueError(f"{source} must be a positive number of bytes, got {value}")
     return value
 
 
-_limit = _checked_limit(os.environ.get("DEFORMCP_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES),
-                        "DEFORMCP_WORKSPACE_BYTES")
+def _limit_from_environment(variable: str = "DEFORMCP_WORKSPACE_BYTES") -> int:
+    text = os.environ.get(variable)
+    if text is None:
+        return DEFAULT_WORKSPACE_BYTES
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"{variable} must be an integer number of bytes, got {text!r}") from None
+    return _checked_limit(value, variable)
+
+
+_limit = _limit_from_environment()
 
 
 def get_workspace_limit() -> int:

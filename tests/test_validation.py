@@ -30,7 +30,7 @@ def _backward(kw, grad_out=None, wrt=("x", "offset", "mask", "weight", "bias")):
         # fails on the check it is about rather than on grad_out.
         x = kw["x"]
         floating = isinstance(x, np.ndarray) and x.dtype.kind == "f"
-        grad_out = np.ones((2, 6, 6, 5), x.dtype if floating else np.float64)
+        grad_out = np.ones((2, 6, 6, 5), x.dtype.newbyteorder("=") if floating else np.float64)
     return deformcp.deform_conv2d_backward(grad_out, kw["x"], kw["offset"], kw["mask"], kw["weight"], kw["bias"],
                                            stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"],
                                            wrt=wrt)
@@ -125,6 +125,13 @@ CASES = [
     ("list_x", _with(x=lambda a: a.tolist()), TypeError, r"\bx must be an array", True),
     ("list_weight", _with(weight=lambda a: a.tolist()), TypeError, r"\bweight must be an array", False),
     ("float_bias", _with(bias=1.5), TypeError, r"\bbias must be an array", False),
+    ("none_x", _with(x=None), TypeError, r"\bx must be an array, got None", True),
+    ("none_offset", _with(offset=None), TypeError, r"\boffset must be an array, got None", True),
+    ("none_weight", _with(weight=None), TypeError, r"\bweight must be an array, got None", False),
+    # byte order: named as the problem, with the conversion to use
+    ("big_endian_x", _with(x=lambda a: a.astype(">f8")), TypeError, r"\bx has non-native byte order \(>f8\)", True),
+    ("big_endian_all", _with(**{n: (lambda a: a.astype(">f8")) for n in ("x", "offset", "mask", "weight", "bias")}),
+     TypeError, r"has non-native byte order", True),
 ]
 CASE_PARAMS = [pytest.param(*case[1:4], id=case[0]) for case in CASES]
 IM2COL_PARAMS = [pytest.param(*case[1:4], id=case[0]) for case in CASES if case[4]]
@@ -181,6 +188,22 @@ def test_backward_rejects_unknown_wrt(wrt, message, rng):
         _backward(_valid(rng), wrt=wrt)
 
 
+@pytest.mark.parametrize("wrt, message", [
+    (None, r"wrt must be a name or an iterable of names among .*got NoneType None"),
+    (123, r"wrt must be a name or an iterable of names among .*got int 123"),
+    ((1, 2), r"wrt must name inputs among .* by string, got \[1, 2\]"),
+])
+def test_backward_rejects_wrt_of_the_wrong_type(wrt, message, rng):
+    with pytest.raises(TypeError, match=message):
+        _backward(_valid(rng), wrt=wrt)
+
+
+def test_backward_rejects_none_grad_out(rng):
+    kw = _valid(rng)
+    with pytest.raises(TypeError, match=r"\bgrad_out must be an array, got None"):
+        deformcp.deform_conv2d_backward(None, kw["x"], kw["offset"], kw["mask"], kw["weight"], kw["bias"], padding=1)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 6, 4), (2, 6, 5, 5), (1, 6, 6, 5), (2, 5, 6, 5), (2, 6, 30), (2, 6, 6, 5, 1)])
 def test_backward_rejects_grad_out_shape(shape, rng):
     with pytest.raises(ValueError, match=r"grad_out must have the output's shape \(2, 6, 6, 5\)"):
@@ -203,8 +226,11 @@ def test_backward_rejects_grad_out_type(grad_out, exception, message, rng):
 @pytest.mark.parametrize("limit, exception, message", [
     (0, ValueError, r"nbytes must be a positive number of bytes, got 0"),
     (-4096, ValueError, r"nbytes must be a positive number of bytes"),
-    ("lots", TypeError, r"nbytes must be an integer number of bytes, got 'lots'"),
-    (None, TypeError, r"nbytes must be an integer number of bytes, got None"),
+    ("lots", TypeError, r"nbytes must be an integer number of bytes, got str 'lots'"),
+    ("100", TypeError, r"nbytes must be an integer number of bytes, got str '100'"),
+    (100.0, TypeError, r"nbytes must be an integer number of bytes, got float 100.0"),
+    (True, TypeError, r"nbytes must be an integer number of bytes, got bool True"),
+    (None, TypeError, r"nbytes must be an integer number of bytes, got NoneType None"),
     ([4096], TypeError, r"nbytes must be an integer number of bytes"),
 ])
 def test_invalid_workspace_limit(limit, exception, message):
@@ -218,6 +244,8 @@ def test_invalid_workspace_limit(limit, exception, message):
 
 
 @pytest.mark.parametrize("value, message", [("0", r"DEFORMCP_WORKSPACE_BYTES must be a positive"),
+                                            ("-5", r"DEFORMCP_WORKSPACE_BYTES must be a positive"),
+                                            ("1e9", r"DEFORMCP_WORKSPACE_BYTES must be an integer.*'1e9'"),
                                             ("plenty", r"DEFORMCP_WORKSPACE_BYTES must be an integer")])
 def test_invalid_workspace_environment_variable(value, message):
     # The variable is read once, at import: a bad value must fail loudly there, naming the variable.
