@@ -5,7 +5,9 @@ The oracle (:func:`loop_im2col`, :func:`loop_deform_conv2d`,
 with explicit Python loops and shares no code with the backends, so that it can check
 them: the test suite, ``python -m deformcp`` and the benchmarks' agreement checks
 compare against it or with :func:`relative_error` under :data:`TOLERANCE`.  The
-oracle is slow by design: use it on small problems only.  Its arguments are NumPy
+oracle is slow by design: use it on small problems only.  Where a sum has several
+products, they are grouped as torchvision's CPU kernel groups them, so that the
+oracle also says where NaN and Inf land (docs/semantics.md, section 11).  Its arguments are NumPy
 arrays and the geometry keywords of :func:`deformcp.deform_conv2d`; its results are
 float64.
 """
@@ -74,10 +76,14 @@ def assert_within_tolerance(actual, expected, dtype="float64", what: str = "resu
     assert error <= tolerance, f"{what}: relative error {error:.3g} > {tolerance:g} ({name})"
 
 
+def _outside(y, x, h, w):
+    """The early exit of bilinear sampling: nothing is read outside (-1, H) x (-1, W)."""
+    return y <= -1 or y >= h or x <= -1 or x >= w
+
 
 def _bilinear(img, h, w, y, x):
     """Zero-padded bilinear sample of one channel, with the early exit outside (-1, H) x (-1, W)."""
-    if y <= -1 or y >= h or x <= -1 or x >= w:
+    if _outside(y, x, h, w):
         return 0.0
     y0, x0 = math.floor(y), math.floor(x)
     ly, lx = y - y0, x - x0
@@ -191,24 +197,30 @@ def loop_deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, st
     gx = np.zeros_like(x)
     goff = np.zeros_like(offset)
     gmask = None if mask is None else np.zeros_like(mask)
+    # Per sample and channel, the products are grouped as torchvision's CPU kernel groups
+    # them, so that NaN and Inf reach the same outputs: (mask * coordinate weight) * gc for
+    # the offset, gc * (the sample's value, 0 at the early exit) for the mask, and
+    # (mask * bilinear weight) * gc into each in-image corner of non-zero weight for x.
     for b, g, i, j, k, oy, ox, py, px in _positions(x.shape, offset, kh, kw, stride, padding, dilation):
         m = 1.0 if mask is None else mask[b, g * K + k, oy, ox]
         dpy = dpx = dm = 0.0
-        inside_sample = not (py <= -1 or py >= H or px <= -1 or px >= W)
         y0, x0 = math.floor(py), math.floor(px)
         ly, lx = py - y0, px - x0
         for c in range(g * cg, (g + 1) * cg):
             gc = gcols[b, c, k, oy, ox]
             (v1, v2, v3, v4), _, _ = _corner_values(x[b, c], H, W, py, px)
             # coordinate gradient: no early exit (torchvision's rule)
-            dpy += m * gc * ((1 - lx) * (v3 - v1) + lx * (v4 - v2))
-            dpx += m * gc * ((1 - ly) * (v2 - v1) + ly * (v4 - v3))
-            if inside_sample:
-                dm += gc * _bilinear(x[b, c], H, W, py, px)
-                for yy, xx, wt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
-                                   (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
-                    if 0 <= yy < H and 0 <= xx < W:
-                        gx[b, c, yy, xx] += m * wt * gc
+            dpy += (m * (lx * (v4 - v2) + (1 - lx) * (v3 - v1))) * gc
+            dpx += (m * (ly * (v4 - v3) + (1 - ly) * (v2 - v1))) * gc
+            dm += gc * _bilinear(x[b, c], H, W, py, px)
+            if _outside(py, px, H, W):
+                continue
+            for yy, xx, wy, wx in ((y0, x0, 1 - ly, 1 - lx), (y0, x0 + 1, 1 - ly, lx),
+                                   (y0 + 1, x0, ly, 1 - lx), (y0 + 1, x0 + 1, ly, lx)):
+                # torchvision visits the corners within distance < 1 of the position: a
+                # corner of weight factor 0 (an integer coordinate's far side) is not touched.
+                if 0 <= yy < H and 0 <= xx < W and wy > 0 and wx > 0:
+                    gx[b, c, yy, xx] += (m * (wy * wx)) * gc
         goff[b, g * 2 * K + 2 * k, oy, ox] = dpy
         goff[b, g * 2 * K + 2 * k + 1, oy, ox] = dpx
         if gmask is not None:

@@ -2,8 +2,9 @@
 // sampling, a scatter with atomic adds.
 //
 // One thread per element (image of the tile, channel c, kernel point k, tile
-// pixel) of the column gradient; it adds mask * weight * gradient to each of
-// the (up to four) pixels the sample read.  Samples that took the early exit,
+// pixel) of the column gradient; it adds (mask * weight) * gradient, grouped as
+// torchvision groups it, to each of the (up to four) in-image pixels within
+// distance 1 of the position (Cell::near).  Samples that took the early exit,
 // or whose position is NaN, read nothing and so scatter nothing.  grad_input is
 // the whole [B, C, H, W] gradient in acc_t (float32 for the half types).
 #include "deform_common.cuh"
@@ -23,12 +24,14 @@ __global__ void deform_col2im_kernel(index_t n, const dcn::acc_t<scalar_t>* __re
         const index_t group = c / g.channels_per_offset_group();
         const dcn::Sample<scalar_t, index_t> s(g, offset, mask, has_mask != 0, t.b, group, t.k, t.oy, t.ox);
         if (dcn::outside(s.y, s.x, g.height, g.width) || isnan(s.y) || isnan(s.x)) continue;
-        const acc grad = s.mask * grad_columns[g.column_at(t.image, c * points + t.k, t.p)];
+        const acc grad = grad_columns[g.column_at(t.image, c * points + t.k, t.p)];
         const dcn::Cell<acc, index_t> cell(s.y, s.x, g.height, g.width);
         acc* plane = grad_input + (t.b * g.channels + c) * g.height * g.width;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            if (cell.inside[q]) dcn::atomic_accumulate<scalar_t>(plane + cell.index[q], cell.weight(q) * grad);
+            if (cell.inside[q] && cell.near(q)) {
+                dcn::atomic_accumulate<scalar_t>(plane + cell.index[q], (s.mask * cell.weight(q)) * grad);
+            }
         }
     }
 }

@@ -177,6 +177,13 @@ struct Cell {
     __device__ __forceinline__ acc weight(int q) const {
         return ((q & 2) ? ly : acc(1) - ly) * ((q & 1) ? lx : acc(1) - lx);
     }
+
+    // Whether corner q lies within distance 1 of the position in both directions, the
+    // corners torchvision's input gradient visits: not the far side of an integer
+    // coordinate, whose weight is 0 but would still carry 0 * Inf = NaN.
+    __device__ __forceinline__ bool near(int q) const {
+        return ((q & 2) ? ly : acc(1) - ly) > acc(0) && ((q & 1) ? lx : acc(1) - lx) > acc(0);
+    }
 };
 
 // Zero-padded bilinear sample of one channel plane, with the early exit: 0

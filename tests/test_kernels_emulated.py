@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from deformcp.backends import cuda_kernels
 from deformcp.workspace import workspace_limit
 import backend_check
+import nonfinite_cases
 from deformcp.api import INPUT_NAMES
 from emulation import build, fake_cupy
 from problems import TOLERANCE, Spec, make_problem, relative_error, specs
@@ -216,3 +217,13 @@ def test_loader_compiles_each_instance_once(gpu):
     second = cuda_kernels.get_kernel.cache_info()
     assert first.misses == 3  # one per stage
     assert second.misses == first.misses and second.hits > first.hits
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("name, value, offset_kind", nonfinite_cases.CASES)
+def test_nonfinite_input_reaches_what_torchvision_reaches(gpu, name, value, offset_kind, rng):
+    spec = Spec(batch=2, in_channels=4, out_channels=4, height=5, width=6, groups=2, offset_groups=2)
+    problem = nonfinite_cases.poisoned_problem(spec, name, value, offset_kind, rng)
+    outputs = _outputs(gpu, problem)
+    actual = dict(forward=outputs["forward"], **{n: outputs.get(f"grad_{n}") for n in INPUT_NAMES})
+    nonfinite_cases.assert_same_patterns(actual, nonfinite_cases.oracle_outputs(problem), f"{name}={value}")
