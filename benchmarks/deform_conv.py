@@ -1,7 +1,7 @@
 """asv suites: deform_conv2d, deform_conv2d_backward (all five gradients) and deform_im2col.
 
 Parameters: backend (``numpy`` on the CPU, ``cupy`` on a CUDA device), dtype and
-shape (:data:`deformcp.comparison.shapes.SHAPES`, all 3x3 with a mask and a bias).
+shape (:data:`benchmarks.shapes.SHAPES`, all 3x3 with a mask and a bias).
 A combination that cannot run here (no CuPy or no GPU, float64 on the GPU,
 bfloat16 without ml_dtypes) is skipped by ``setup`` raising ``NotImplementedError``.
 
@@ -17,7 +17,9 @@ import functools
 import numpy as np
 
 import deformcp
-from deformcp.comparison.shapes import SHAPES, dtype_named, make_inputs
+
+# Only deformcp's public API and benchmarks/: asv runs this suite against older commits too.
+from .shapes import SHAPES, dtype_named, make_inputs
 
 BACKENDS = ["numpy", "cupy"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]

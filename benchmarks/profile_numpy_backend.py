@@ -1,4 +1,4 @@
-"""Where the CPU backend spends its time, line by line: ``python benchmarks/profile_numpy_backend.py``.
+"""Where the CPU backend spends its time, line by line: ``python -m benchmarks.profile_numpy_backend``.
 
 A deterministic line timer (``sys.settrace``) over the frames of
 ``deformcp/backends/numpy_backend.py`` and ``numpy_sampling.py``: each line's wall time, *inclusive* of the
@@ -10,7 +10,8 @@ runs its tiles on worker threads, which ``sys.settrace`` does not follow, so the
 traced calls run with ``DEFORMCP_NUM_THREADS=1`` (BLAS keeps its threads); the
 header gives the call's time as configured too.  The figures are medians over
 ``--repeats`` calls after one untimed call.  Notes on what
-the profiles showed are in ``benchmarks/NOTES.md``.
+the profiles showed are in ``benchmarks/NOTES.md``.  Run it from the clone's root
+(it imports ``benchmarks.shapes``).
 """
 
 import argparse
@@ -24,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 import deformcp
-from deformcp.backends import numpy_backend, numpy_sampling
-from deformcp.comparison.shapes import SHAPES, TARGET_SHAPES, make_inputs
 
-BACKEND_FILES = frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_sampling))
+from .shapes import SHAPES, TARGET_SHAPES, make_inputs
+
 SERIAL_VARIABLE = "DEFORMCP_NUM_THREADS"
 
 
@@ -83,6 +83,14 @@ class LineTimer:
             sys.settrace(None)
 
 
+def _backend_files() -> frozenset:
+    """The traced files.  Imported here, not at the top: asv imports every module under
+    benchmarks/ when it looks for benchmarks, and its suite must need only deformcp's public API."""
+    from deformcp.backends import numpy_backend, numpy_sampling
+
+    return frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_sampling))
+
+
 def _median_seconds(fn, repeats: int) -> float:
     walls = []
     for _ in range(repeats):
@@ -110,7 +118,7 @@ def _profile(operation, shape_name: str, repeats: int, top: int) -> None:
     os.environ[SERIAL_VARIABLE] = "1"
     try:
         serial = _median_seconds(call, repeats)
-        timer = LineTimer(BACKEND_FILES)
+        timer = LineTimer(_backend_files())
         traced = _median_seconds(lambda: timer.run(call), repeats)
     finally:
         if previous is None:

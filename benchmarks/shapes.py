@@ -4,6 +4,9 @@ Every shape is a 3x3 deformable convolution with a mask and a bias.  The inputs
 are random (never zeros): ``x`` and ``grad_out`` standard normal, offsets normal
 with a spread of 2 pixels, masks uniform in (0, 1), weights scaled so that the
 output has unit variance.
+
+asv runs its suite against older commits of deformcp too, so this module uses
+nothing of deformcp at all (the suite uses only its public API).
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ class BenchShape:
 
     @property
     def out_size(self) -> Tuple[int, int]:
-        """``(H_out, W_out)``."""
+        """``(H_out, W_out)``.
+
+        deformcp's own formula is in its internal ``ConvGeometry``; written out here
+        because asv imports this module against older commits, whose internals differ.
+        """
         kh, kw = self.kernel
         top, left, bottom, right = self.padding
         oh = (self.height + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -69,7 +76,7 @@ class BenchShape:
         return {field: getattr(self, field) for field in self.__dataclass_fields__}
 
 
-# The issue's list.  The first three are the CPU speed targets; the ResNet-50 stages are
+# The first three are the CPU speed targets; the ResNet-50 stages are
 # those of a detector at an 800x1333 input (strides 8, 16 and 32).
 SHAPES: Dict[str, BenchShape] = {s.name: s for s in (
     BenchShape("b8_c64_64x64", 8, 64, 64, 64, 64),

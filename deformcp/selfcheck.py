@@ -8,6 +8,7 @@ A short timing table follows.  The exit status is non-zero if any check fails.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import platform
 import time
@@ -121,14 +122,28 @@ def timing(backend: Backend, rng: np.random.Generator, repeats: int) -> tuple:
     return _median_ms(forward, backend.synchronize, repeats), _median_ms(training_step, backend.synchronize, repeats)
 
 
+# The comparison with other implementations was ``python -m deformcp bench`` before it moved
+# out of the package; whoever types that still gets told where it went.
+COMPARISON_MOVED = ("the comparison with other implementations is not part of the installed package: "
+                    "from a clone of the repository, run `python -m benchmarks.compare` (docs/benchmarks.md)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m deformcp``."""
+    cli = argparse.ArgumentParser(
+        prog="python -m deformcp", description=__doc__.splitlines()[0],
+        epilog=f"There are no subcommands; {COMPARISON_MOVED}.")
+    cli.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median shown)")
+    cli.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    return cli
+
+
 def main(argv: List[str]) -> int:
     """Run the self-check; return the exit status (0 when every check passes)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m deformcp", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median shown)")
-    parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
-    args = parser.parse_args(argv)
+    cli = parser()
+    if argv[:1] == ["bench"]:
+        cli.error(COMPARISON_MOVED)
+    args = cli.parse_args(argv)
 
     print(_versions())
     backends = find_backends()

@@ -1,22 +1,26 @@
-"""The side-by-side comparison (``python -m deformcp bench``) runs, its peers agree with deformcp, and it writes its files.
+"""The side-by-side comparison (``python -m benchmarks.compare``) runs, its peers agree with deformcp, and it writes its files.
 
 This is also a cross-check of deformcp's semantics against independent
 implementations: ONNX Runtime's DeformConv, OpenVINO's DeformableConvolution and a
 grid_sample version by autograd, on a tiny shape that has groups, offset groups,
-stride, dilation and asymmetric padding.  The CPU peers are all installed in CI, so
-these tests skip only where one is really absent, with the reason printed.
+stride, dilation and asymmetric padding.  The comparison lives in ``benchmarks/``
+(not in the package) and its peers in the ``bench`` extra, which CI installs, so
+these tests skip only where a peer is really absent, with the reason printed.
 """
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from deformcp.comparison import cli
-from deformcp.comparison.agreement import compare_outputs, relative_error
-from deformcp.comparison.peers import peer_module, prepare_runner
-from deformcp.comparison.runner import FORWARD, OUTPUT_NAMES, TRAINING, PeerUnavailable
-from deformcp.comparison.shapes import TINY, make_inputs
+from benchmarks.compare import cli
+from benchmarks.compare.agreement import compare_outputs
+from benchmarks.compare.peers import peer_module, prepare_runner
+from benchmarks.compare.runner import FORWARD, OUTPUT_NAMES, TRAINING, PeerUnavailable
+from benchmarks.shapes import TINY, make_inputs
 
 CPU_PEERS = [(name, task) for name in ("onnxruntime", "openvino", "grid_sample") for task in (FORWARD, TRAINING)
              if task in peer_module(name).TASKS]
@@ -60,7 +64,11 @@ def test_a_semantic_difference_is_caught(tiny_inputs, reference):
     shifted.offset[...] += 0.2
     (agreement,) = compare_outputs("deformcp", FORWARD, reference[FORWARD], _outputs("deformcp", FORWARD, shifted))
     assert not agreement.ok
-    assert relative_error(np.array([np.nan]), np.array([1.0])) == float("inf")
+    # A single NaN among correct values never agrees either.
+    with_nan = reference[FORWARD][0].copy()
+    with_nan.flat[0] = np.nan
+    (agreement,) = compare_outputs("deformcp", FORWARD, reference[FORWARD], (with_nan,))
+    assert agreement.error == float("inf") and not agreement.ok
 
 
 def test_bench_runs_and_writes_json_and_png(tmp_path, capsys):
@@ -95,7 +103,7 @@ def test_bench_runs_and_writes_json_and_png(tmp_path, capsys):
 
 def test_bench_fails_loudly_on_disagreement(tmp_path, capsys, monkeypatch):
     _require("onnxruntime")
-    from deformcp.comparison import onnxruntime_peer
+    from benchmarks.compare import onnxruntime_peer
 
     real_prepare = onnxruntime_peer.prepare
 
@@ -124,3 +132,19 @@ def test_prepare_runner_refuses_a_task_the_peer_does_not_run(tiny_inputs):
 def test_prepare_runner_refuses_torchvision_on_the_cpu(tiny_inputs):
     with pytest.raises(PeerUnavailable, match="CUDA device only"):
         prepare_runner("torchvision", FORWARD, TINY, tiny_inputs, "cpu")
+
+
+def test_asv_finds_only_the_suite_and_the_suite_needs_only_the_public_api():
+    """asv imports every module under benchmarks/, the comparison's too, and takes any function
+    named ``time_*``, ``track_*``, ... for a benchmark; its suite must run against older commits,
+    so it may reach deformcp only through the public API (what ``import deformcp`` loads)."""
+    discovery = pytest.importorskip("asv_runner.discovery", reason="asv (the bench extra) is not installed")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    names = [b.name for b in discovery.disc_benchmarks(str(root / "benchmarks"))]
+    assert names and all(name.startswith("deform_conv.") for name in names), names
+
+    loaded = ("import sys, deformcp; before = {m for m in sys.modules if m.startswith('deformcp')}; "
+              "import benchmarks.deform_conv; "
+              "print(sorted(m for m in sys.modules if m.startswith('deformcp') and m not in before))")
+    done = subprocess.run([sys.executable, "-c", loaded], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", f"the asv suite imports deformcp internals: {done.stdout}"

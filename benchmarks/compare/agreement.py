@@ -5,7 +5,8 @@ about ``1e-6`` relative for sums of a few thousand terms.  The tolerances leave 
 wide margin over that and none for a semantic difference (a wrong offset layout,
 padding order or border rule gives errors of ``1e-2`` and more).  The offset
 gradient of the grid_sample version gets a looser bound, for the reason given in
-:mod:`.grid_sample_peer` and ``docs/benchmarks.md``.  NaN never agrees.
+:mod:`.grid_sample_peer` and ``docs/benchmarks.md``.  The relative error is
+:func:`deformcp.testing.relative_error`'s, so a NaN or an infinity never agrees.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import List, Sequence
 
 import numpy as np
 
+from deformcp.testing import relative_error
+
 from .runner import OUTPUT_NAMES
 
-__all__ = ["Agreement", "DEFAULT_TOLERANCE", "compare_outputs", "relative_error"]
+__all__ = ["Agreement", "DEFAULT_TOLERANCE", "compare_outputs"]
 
 DEFAULT_TOLERANCE = 1e-4
 # Positions normalised by grid_sample shift by ~1e-7 * size pixels and can change cell.
@@ -35,19 +38,8 @@ class Agreement:
 
     @property
     def ok(self) -> bool:
-        """Whether the error is within the tolerance (never for NaN or a shape mismatch)."""
+        """Whether the error is within the tolerance (never for a non-finite value or a shape mismatch)."""
         return self.error <= self.tolerance
-
-
-def relative_error(actual, expected) -> float:
-    """``||actual - expected|| / ||expected||`` in float64; inf on a shape mismatch or any NaN."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    if actual.shape != expected.shape or np.isnan(actual).any() or np.isnan(expected).any():
-        return float("inf")
-    scale = np.linalg.norm(expected)
-    difference = np.linalg.norm(actual - expected)
-    return float(difference / scale) if scale > 0 else float(difference)
 
 
 def compare_outputs(peer: str, task: str, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray],

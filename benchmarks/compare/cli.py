@@ -1,4 +1,4 @@
-"""``python -m deformcp bench``: deformcp and the installed peers, side by side, in one process.
+"""``python -m benchmarks.compare``: deformcp and the installed peers, side by side, in one process.
 
 For each shape and task, every peer runs on the same random float32 inputs; each
 peer's outputs are compared with deformcp's (a disagreement beyond tolerance is
@@ -19,15 +19,15 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..shapes import SHAPES, TARGET_SHAPES, TINY, BenchShape, make_inputs, shape_named
 from .agreement import DEFAULT_TOLERANCE, compare_outputs
+from .machine import cpu_threads
 from .memory import forward_peak_memory
 from .peers import PEER_MODULES, REFERENCE, peer_module, prepare_runner
 from .report import format_case, format_summary, plot_ratios, write_json
 from .runner import FORWARD, TASKS, TRAINING, PeerUnavailable
-from .shapes import SHAPES, TARGET_SHAPES, TINY, BenchShape, make_inputs, shape_named
 from .targets import evaluate_target
-from .threads import cpu_threads
-from .timing import time_interleaved
+from .timing import measure_interleaved
 
 __all__ = ["main"]
 
@@ -41,7 +41,7 @@ def _progress(message: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m deformcp bench", description=__doc__.splitlines()[0],
+        prog="python -m benchmarks.compare", description=__doc__.splitlines()[0],
         epilog=f"shapes: {', '.join(SHAPES)}, {TINY.name}; 'targets' = {', '.join(TARGET_SHAPES)}; "
                "'all' = every shape but tiny")
     parser.add_argument("--shapes", nargs="+", default=["targets"], metavar="SHAPE",
@@ -116,7 +116,7 @@ def _run_case(shape: BenchShape, task: str, peers: List[str], args, inputs) -> d
     del reference
 
     _progress(f"  timing {', '.join(runners)}: warm-up {args.warmup}, {args.repeats} runs")
-    timings = time_interleaved(runners, args.warmup, args.repeats, args.settle,
+    timings = measure_interleaved(runners, args.warmup, args.repeats, args.settle,
                                progress=lambda m: _progress(f"    {m}"))
     ours = timings[REFERENCE].median
     for name, timing in timings.items():
@@ -141,14 +141,14 @@ def _measure_memory(case: dict, args) -> None:
 
 def _deformcp_version() -> str:
     """The version, and the git commit when deformcp runs from a checkout (figures are tied to code)."""
-    from .. import __version__
+    import deformcp
 
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(deformcp.__file__).parent,
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{__version__} ({commit})" if commit else __version__
+    return f"{deformcp.__version__} ({commit})" if commit else deformcp.__version__
 
 
 def _settings(args, left_out: Dict[str, str], cases: List[dict]) -> dict:
@@ -213,7 +213,3 @@ def main(argv: List[str]) -> int:
               + "; ".join(" ".join(f) for f in failures), file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

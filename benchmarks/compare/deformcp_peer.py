@@ -7,10 +7,11 @@ from typing import Optional
 
 import numpy as np
 
-from .. import deform_conv2d, deform_conv2d_backward
+from deformcp import deform_conv2d, deform_conv2d_backward
+
+from ..shapes import BenchShape, Inputs
+from .machine import blas_libraries, cpu_threads
 from .runner import FORWARD, TRAINING, Runner
-from .shapes import BenchShape, Inputs
-from .threads import cpu_threads, numpy_blas_name, numpy_blas_threads
 
 NAME = "deformcp"
 TASKS = (FORWARD, TRAINING)
@@ -39,13 +40,11 @@ def prepare(task: str, shape: BenchShape, inputs: Inputs, device: str) -> Runner
     if device == "cpu":
         # Load the backend (and SciPy) now, as the other peers load theirs when their model is
         # built, so that the memory measurement of the first call does not count module code.
-        from ..backends import numpy_backend  # noqa: F401
+        import deformcp.backends.numpy_backend  # noqa: F401
 
         arrays = inputs
-        blas_threads = numpy_blas_threads()
         tile_threads = os.environ.get("DEFORMCP_NUM_THREADS") or f"unset (all {cpu_threads()} CPUs)"
-        settings = (f"NumPy on {numpy_blas_name()}, "
-                    f"{'unknown' if blas_threads is None else blas_threads} BLAS threads in this process "
+        settings = (f"NumPy {np.__version__} on {blas_libraries()} in this process "
                     f"(the backend may hold BLAS lower while its tiles run, see docs/cpu.md); "
                     f"tiles on DEFORMCP_NUM_THREADS={tile_threads}, each tile's sparse products on one")
         fetch = lambda outputs: tuple(np.asarray(a) for a in outputs)  # noqa: E731

@@ -3,7 +3,7 @@
 ``tracemalloc`` sees only Python's allocator, not the native memory of NumPy's
 BLAS, ONNX Runtime or OpenVINO, so the measure is the process's resident set
 size, from the kernel.  Each measurement runs in a new Python process
-(``python -m deformcp.comparison.memory PEER SHAPE``) so that no other peer's
+(``python -m benchmarks.compare.memory PEER SHAPE``, from the clone's root) so that no other peer's
 memory, and no allocator cache from an earlier run, is counted:
 
 1. draw the inputs and prepare the peer (build and compile the model);
@@ -26,9 +26,13 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 __all__ = ["forward_peak_memory", "main"]
+
+# The clone's root, where ``python -m benchmarks...`` finds this package: the child runs there.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -52,9 +56,9 @@ def _reset_high_water_mark() -> bool:
 
 
 def _measure(peer: str, shape_name: str, seed: int) -> dict:
+    from ..shapes import make_inputs, shape_named
     from .peers import prepare_runner
     from .runner import FORWARD
-    from .shapes import make_inputs, shape_named
 
     shape = shape_named(shape_name)
     runner = prepare_runner(peer, FORWARD, shape, make_inputs(shape, seed, with_grad_out=False), "cpu")
@@ -84,7 +88,7 @@ def forward_peak_memory(peer: str, shape_name: str, seed: int = 0, timeout: floa
         ``method``; or ``error`` with the child's message if it failed.
     """
     command = [sys.executable, "-m", __name__, peer, shape_name, "--seed", str(seed)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -13,9 +13,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..shapes import BenchShape, Inputs
+from .machine import cpu_threads
 from .runner import FORWARD, Runner
-from .shapes import BenchShape, Inputs
-from .threads import cpu_threads
 
 NAME = "onnxruntime"
 TASKS = (FORWARD,)

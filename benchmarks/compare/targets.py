@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from ..shapes import TARGET_SHAPES
 from .runner import FORWARD, TRAINING
-from .shapes import TARGET_SHAPES
 
 __all__ = ["Target", "TARGETS", "evaluate_target"]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .runner import Runner
 
-__all__ = ["Timing", "time_interleaved"]
+__all__ = ["Timing", "measure_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _timed(runner: Runner) -> float:
             gc.enable()
 
 
-def time_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int, settle: float = 0.2,
+def measure_interleaved(runners: Dict[str, Runner], warmup: int, repeats: int, settle: float = 0.2,
                      progress: Optional[Callable[[str], None]] = None) -> Dict[str, Timing]:
     """Warm each runner up ``warmup`` times, then time ``repeats`` runs of each, interleaved.
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from ..shapes import Inputs
+from .machine import cpu_threads
 from .runner import FORWARD, Runner
-from .shapes import Inputs
-from .threads import cpu_threads
 
 __all__ = ["torch_missing", "torch_runner"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..shapes import BenchShape, Inputs
 from .runner import FORWARD, TRAINING, PeerUnavailable, Runner
-from .shapes import BenchShape, Inputs
 from .torch_autograd import torch_missing, torch_runner
 
 NAME = "torchvision"
