@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import deformcp
-from problems import (INPUT_NAMES, TOLERANCE, Spec, assert_within_tolerance, make_problem, loop_backward,
+from problems import (INPUT_NAMES, TOLERANCE, Spec, assert_within_tolerance, make_problem, loop_backward, relative_error,
                       loop_columns, loop_forward, run_backward, run_forward, run_im2col)
 
 DTYPES = [pytest.param(np.dtype(d), id=np.dtype(d).name)
@@ -96,3 +96,22 @@ def test_mask_none_and_bias_none_with_each_dtype(dtype, rng):
     problem = make_problem(Spec(mask=False, bias=False), rng, dtype=dtype)
     assert run_forward(problem).dtype == dtype
     assert_within_tolerance(run_forward(problem), loop_forward(problem), dtype.name, "forward")
+
+
+def test_float32_error_on_a_tall_image_grows_as_documented(rng):
+    # docs/semantics.md, section 10: positions near row N are exact to N * 2**-24 pixels, so
+    # most results stay within about that relative error and grad_offset, which jumps where a
+    # position crosses an integer, within a few sqrt(2 N * 2**-24).
+    rows = 4096
+    problem = make_problem(Spec(batch=1, in_channels=2, out_channels=2, height=rows, width=8), rng, np.float32)
+    wide = problem.astype(np.float64)  # the same (rounded) inputs, computed in float64
+    position_error = rows * 2.0**-24
+    bounds = {"out": position_error, "x": position_error, "mask": position_error, "weight": position_error,
+              "bias": TOLERANCE["float32"], "offset": 3 * np.sqrt(2 * position_error)}
+    actual = {"out": run_forward(problem), **run_backward(problem)}
+    expected = {"out": run_forward(wide), **run_backward(wide)}
+    for name, bound in bounds.items():
+        error = relative_error(actual[name], expected[name])
+        assert error <= bound, f"{name}: relative error {error:.3g} > {bound:.3g} at H={rows}"
+    # ... and the small-image tolerance would not hold here: the bound is a statement about size.
+    assert relative_error(actual["offset"], expected["offset"]) > TOLERANCE["float32"]
