@@ -128,18 +128,34 @@ COMPARISON_MOVED = ("the comparison with other implementations is not part of th
                     "from a clone of the repository, run `python -m benchmarks.compare` (docs/benchmarks.md)")
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of ``--repeats``: a whole number of at least 1 (a median of no runs is no figure)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m deformcp``."""
     cli = argparse.ArgumentParser(
         prog="python -m deformcp", description=__doc__.splitlines()[0],
         epilog=f"There are no subcommands; {COMPARISON_MOVED}.")
-    cli.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median shown)")
+    cli.add_argument("--version", action="version", version=f"deformcp {__version__}")
+    cli.add_argument("--repeats", type=_at_least_one, default=5,
+                     help="timed runs per measurement, at least 1 (median shown; default 5)")
     cli.add_argument("--no-timing", action="store_true", help="skip the timing table")
     return cli
 
 
 def main(argv: List[str]) -> int:
-    """Run the self-check; return the exit status (0 when every check passes)."""
+    """Run the self-check; return the exit status (0 when every check passes).
+
+    Bad arguments exit through argparse (status 2, the option named) before any work.
+    """
     cli = parser()
     if argv[:1] == ["bench"]:
         cli.error(COMPARISON_MOVED)

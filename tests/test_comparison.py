@@ -123,6 +123,39 @@ def test_bench_fails_loudly_on_disagreement(tmp_path, capsys, monkeypatch):
     assert "DISAGREES" in captured.out
 
 
+def _refuse_to_measure(*args, **kwargs):
+    raise AssertionError("the comparison measured although it could not write its results")
+
+
+def test_bench_refuses_an_unwritable_output_folder_before_measuring(tmp_path, capsys, monkeypatch):
+    # A path through a regular file: unwritable for every user, root included (unlike permission bits).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cli, "measure_interleaved", _refuse_to_measure)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--shapes", "tiny", "--task", "forward", "--no-memory", "--out", str(blocker / "results")])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert f"--out {blocker / 'results'}: the results cannot be written there" in captured.err
+    assert "[1/" not in captured.err  # no case was started
+
+
+def test_bench_without_matplotlib_writes_the_json_and_says_the_plot_was_skipped(tmp_path, capsys, monkeypatch):
+    _require("onnxruntime")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    status = cli.main(["--shapes", "tiny", "--peers", "onnxruntime", "--task", "forward", "--repeats", "1",
+                       "--warmup", "0", "--settle", "0", "--no-memory", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    # Said before measuring, and again with the result.
+    warning = "matplotlib is not installed"
+    assert warning in captured.err and captured.err.index(warning) < captured.err.index("[1/1] forward tiny")
+    assert f"the plot was skipped: {warning}" in captured.out
+    record = json.loads((tmp_path / "comparison-cpu.json").read_text())
+    assert set(record["cases"][0]["peers"]) == {"deformcp", "onnxruntime"}
+    assert not (tmp_path / "comparison-cpu.png").exists()
+
+
 def test_prepare_runner_refuses_a_task_the_peer_does_not_run(tiny_inputs):
     _require("openvino")
     with pytest.raises(PeerUnavailable, match="does not run training"):

@@ -16,6 +16,7 @@ import datetime
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -24,7 +25,7 @@ from .agreement import DEFAULT_TOLERANCE, compare_outputs
 from .machine import cpu_threads
 from .memory import forward_peak_memory
 from .peers import PEER_MODULES, REFERENCE, peer_module, prepare_runner
-from .report import format_case, format_summary, plot_ratios, write_json
+from .report import format_case, format_summary, plot_ratios, plotting_unavailable, write_json
 from .runner import FORWARD, TASKS, TRAINING, PeerUnavailable
 from .targets import evaluate_target
 from .timing import measure_interleaved
@@ -170,15 +171,42 @@ def _settings(args, left_out: Dict[str, str], cases: List[dict]) -> dict:
     }
 
 
+def _unwritable(folder: Path) -> Optional[str]:
+    """Why the results cannot be written to ``folder`` (created if missing), or ``None``.
+
+    Tried by writing, not by permission bits, which neither a read-only file system nor
+    a path through a regular file shows.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
 def main(argv: List[str]) -> int:
-    """Run the comparison; return 0, or 1 if any peer disagreed with deformcp beyond tolerance."""
-    args = _parser().parse_args(argv)
+    """Run the comparison; return 0, or 1 if any peer disagreed with deformcp beyond tolerance.
+
+    Everything that would stop it from writing its results is checked before anything
+    is measured: the options (argparse's exit, status 2) and the output folder; without
+    matplotlib it measures, writes the JSON and says that the plot was skipped.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.settle < 0:
-        _parser().error("--repeats must be at least 1, --warmup and --settle at least 0")
+        parser.error("--repeats must be at least 1, --warmup and --settle at least 0")
     try:
         shapes = _shapes(args.shapes)
     except KeyError as error:
-        _parser().error(str(error.args[0]))
+        parser.error(str(error.args[0]))
+    unwritable = _unwritable(args.out)
+    if unwritable:
+        parser.error(f"--out {args.out}: the results cannot be written there ({unwritable})")
+    no_plot = plotting_unavailable()
+    if no_plot:
+        _progress(f"{no_plot}: the plot will be skipped and the JSON written (the bench extra brings matplotlib)")
     tasks = list(TASKS) if args.task == "both" else [args.task]
     peers, left_out = _available_peers(args.peers, args.device)
     if REFERENCE in left_out:
@@ -200,11 +228,13 @@ def main(argv: List[str]) -> int:
 
     record = {"settings": _settings(args, left_out, cases), "cases": cases}
     print(format_summary(record))
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"comparison-{args.device}.json", args.out / f"comparison-{args.device}.png"
     write_json(json_path, record)
-    plot_ratios(png_path, record)
-    print(f"\nwrote {json_path} and {png_path}")
+    if no_plot:
+        print(f"\nwrote {json_path}; the plot was skipped: {no_plot}")
+    else:
+        plot_ratios(png_path, record)
+        print(f"\nwrote {json_path} and {png_path}")
 
     failures = [(c["task"], c["shape"], name) for c in cases for name, p in c["peers"].items()
                 if not p.get("agrees", True)]

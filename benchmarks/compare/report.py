@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
-__all__ = ["format_case", "format_summary", "write_json", "plot_ratios"]
+__all__ = ["format_case", "format_summary", "write_json", "plot_ratios", "plotting_unavailable"]
 
 _MIB = 2.0 ** 20
 
@@ -81,6 +81,15 @@ def format_summary(record: dict) -> str:
 def write_json(path: Path, record: dict) -> None:
     """Write the record as indented JSON."""
     path.write_text(json.dumps(record, indent=1, allow_nan=True) + "\n")
+
+
+def plotting_unavailable() -> Optional[str]:
+    """Why :func:`plot_ratios` cannot run here (matplotlib missing), or ``None``; asked before measuring."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return f"matplotlib is not installed ({error})"
+    return None
 
 
 def plot_ratios(path: Path, record: dict) -> None:
