@@ -1,7 +1,8 @@
 """Where the CPU backend spends its time, line by line: ``python -m benchmarks.profile_numpy_backend``.
 
-A deterministic line timer (``sys.settrace``) over the frames of
-``deformcp/backends/numpy_backend.py`` and ``numpy_sampling.py``: each line's wall time, *inclusive* of the
+A deterministic line timer (``sys.settrace``) over the frames of the NumPy backend's modules
+(``deformcp/backends/numpy_backend.py``, ``numpy_tiling.py``, ``numpy_grid.py`` and
+``numpy_sampling.py``): each line's wall time, *inclusive* of the
 functions it calls (NumPy, SciPy, BLAS, and the backend's own helpers, whose lines
 are listed too).  Whole-array NumPy operations hold no Python lines of their own,
 so a line's time is the time of the operations on it; tracing adds a few
@@ -86,9 +87,9 @@ class LineTimer:
 def _backend_files() -> frozenset:
     """The traced files.  Imported here, not at the top: asv imports every module under
     benchmarks/ when it looks for benchmarks, and its suite must need only deformcp's public API."""
-    from deformcp.backends import numpy_backend, numpy_sampling
+    from deformcp.backends import numpy_backend, numpy_grid, numpy_sampling, numpy_tiling
 
-    return frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_sampling))
+    return frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_tiling, numpy_grid, numpy_sampling))
 
 
 def _median_seconds(fn, repeats: int) -> float:

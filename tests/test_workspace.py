@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformcp
-from deformcp.backends import numpy_backend, numpy_sampling
+from deformcp.backends import numpy_backend, numpy_grid, numpy_sampling, numpy_tiling
 from deformcp.geometry import conv_geometry
 from deformcp.workspace import DEFAULT_WORKSPACE_BYTES, Tile, plan_tiles
 from problems import INPUT_NAMES, Spec, make_problem, relative_error, run_backward, run_forward, run_im2col
@@ -40,7 +40,7 @@ def recorded_plans(monkeypatch):
         calls.append(((args, kwargs), tiles))
         return tiles
 
-    monkeypatch.setattr(numpy_backend, "plan_tiles", spy)
+    monkeypatch.setattr(numpy_tiling, "plan_tiles", spy)
     return calls
 
 
@@ -101,7 +101,7 @@ def test_batch_tiles_equal_untiled(spec, operation, threads, rng, monkeypatch, r
     untiled, _ = _untiled(problem, operation, monkeypatch, recorded_plans)
     # One-row chunks, and a limit that holds them and two whole images per tile
     # (the backend shares the limit among its threads).
-    monkeypatch.setattr(numpy_backend, "_CHUNK_SAMPLES", 1)
+    monkeypatch.setattr(numpy_tiling, "_CHUNK_SAMPLES", 1)
     per_pixel, per_image = _scratch_bytes(problem, operation)
     chunk_bytes = per_pixel * spec.out_size[1]
     monkeypatch.setenv("DEFORMCP_NUM_THREADS", threads)
@@ -119,14 +119,14 @@ def test_batch_tiles_equal_untiled(spec, operation, threads, rng, monkeypatch, r
 def recorded_chunks(monkeypatch):
     """Every chunk the CPU backend walks: a list of Tiles."""
     chunks = []
-    original = numpy_backend._Call.chunks
+    original = numpy_tiling.Tiling.chunks
 
     def spy(self, tile):
         result = original(self, tile)
         chunks.extend(result)
         return result
 
-    monkeypatch.setattr(numpy_backend._Call, "chunks", spy)
+    monkeypatch.setattr(numpy_tiling.Tiling, "chunks", spy)
     return chunks
 
 
@@ -141,7 +141,7 @@ def test_chunks_equal_untiled(spec, operation, chunk_images, rng, monkeypatch, r
     out_h, out_w = spec.out_size
     k = spec.kernel[0] * spec.kernel[1] * spec.offset_groups
     # Samples for two output rows of one image, or for two whole images.
-    monkeypatch.setattr(numpy_backend, "_CHUNK_SAMPLES", 2 * k * out_w * (out_h if chunk_images else 1))
+    monkeypatch.setattr(numpy_tiling, "_CHUNK_SAMPLES", 2 * k * out_w * (out_h if chunk_images else 1))
     with deformcp.workspace_limit(2**40):
         chunked = OPERATIONS[operation](problem)
     if chunk_images:
@@ -159,7 +159,7 @@ def test_blocked_channels_last_copy_equals_untiled(spec, operation, rng, monkeyp
     # image and the channels, with ragged edges, must give the same copy.
     problem = make_problem(spec, rng)
     untiled, _ = _untiled(problem, operation, monkeypatch, recorded_plans)
-    monkeypatch.setattr(numpy_backend, "_TRANSPOSE_BLOCK", (5, 3))
+    monkeypatch.setattr(numpy_grid, "_TRANSPOSE_BLOCK", (5, 3))
     with deformcp.workspace_limit(2**40):
         _assert_same(OPERATIONS[operation](problem), untiled)
 
@@ -170,7 +170,7 @@ def test_public_sparse_operator_fallback_equals_kernels(spec, operation, rng, mo
     # SciPy's private CSR/CSC kernels are used where they exist; the public operator must give
     # the same results should a SciPy release move them.
     problem = make_problem(spec, rng)
-    monkeypatch.setattr(numpy_backend, "_CHUNK_SAMPLES", 1)
+    monkeypatch.setattr(numpy_tiling, "_CHUNK_SAMPLES", 1)
     direct = OPERATIONS[operation](problem)
     monkeypatch.setattr(numpy_sampling, "_csr_matvecs", None)
     monkeypatch.setattr(numpy_sampling, "_csc_matvecs", None)
@@ -187,8 +187,7 @@ def _geometry(problem):
 
 def _scratch_bytes(problem, operation):
     """The CPU backend's (bytes per chunk pixel, bytes per tile image) for ``operation`` on ``problem``."""
-    call = numpy_backend._Call(_geometry(problem), problem.x.dtype, None)
-    return call.scratch_bytes(backward=operation == "backward")
+    return numpy_tiling.scratch_bytes(_geometry(problem), problem.x.dtype, backward=operation == "backward")
 
 
 def test_limit_below_one_row_still_works(rng, monkeypatch):
@@ -210,10 +209,10 @@ def test_int64_indices_equal_int32(spec, operation, rng, monkeypatch):
     # the threshold runs that path on small problems.
     problem = make_problem(spec, rng)
     int32 = OPERATIONS[operation](problem)
-    monkeypatch.setattr(numpy_backend, "_INT32_INDEX_MAX", 10)
+    monkeypatch.setattr(numpy_tiling, "_INT32_INDEX_MAX", 10)
     seen = []
     original = numpy_sampling.sampling_plan
-    monkeypatch.setattr(numpy_backend, "sampling_plan",
+    monkeypatch.setattr(numpy_tiling, "sampling_plan",
                         lambda *a, **kw: seen.append(kw["index_dtype"]) or original(*a, **kw))
     _assert_same(OPERATIONS[operation](problem), int32)
     assert seen and all(np.dtype(t) == np.int64 for t in seen)
@@ -245,7 +244,7 @@ def test_chunks_respect_the_column_bytes_cap(operation, rng, monkeypatch, record
     out_h, out_w = spec.out_size
     k = spec.kernel[0] * spec.kernel[1]
     row_bytes = out_w * k * spec.in_channels * 8  # float64 columns of one output row
-    monkeypatch.setattr(numpy_backend, "_CHUNK_COLUMN_BYTES", 3 * row_bytes)
+    monkeypatch.setattr(numpy_tiling, "_CHUNK_COLUMN_BYTES", 3 * row_bytes)
     monkeypatch.setenv("DEFORMCP_NUM_THREADS", "1")
     OPERATIONS[operation](problem)
     assert recorded_chunks and max(c.images * c.out_rows for c in recorded_chunks) == min(3, out_h)

@@ -11,7 +11,7 @@ channels-last input ``X`` as columns gives a sparse matrix ``S``::
 sample once; :class:`SamplingPlan` applies ``S`` and ``S.T``.
 
 Every image of ``X`` is stored on a grid one pixel larger on each side than the
-image, whose border is zero (:func:`padded_grid`).  The four corners of any
+image, whose border is zero (:mod:`.numpy_grid`).  The four corners of any
 sample that can read the image then lie on that grid, the ones outside the image
 on its zero border, so no corner needs a test or a branch: they are the grid
 pixels ``t, t + 1, t + W + 2, t + W + 3`` from the top-left one ``t``, two pairs
@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse
 
 from ..geometry import ConvGeometry
+from .numpy_grid import grid_pixels, padded_grid
 
 try:
     # SciPy's own CSR/CSC kernels behind ``csr_array @ dense``.  Called directly they
@@ -43,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     _csr_matvecs = _csc_matvecs = None
 
-__all__ = ["SamplingPlan", "padded_grid", "sampling_plan"]
+__all__ = ["SamplingPlan", "sampling_plan"]
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,6 @@ def _flat(array: np.ndarray, name: str) -> np.ndarray:
     return array.reshape(-1)
 
 
-def padded_grid(geom: ConvGeometry) -> tuple:
-    """Rows and columns of the grid each image is stored on: ``(H + 2, W + 2)``, a zero border around it."""
-    return geom.height + 2, geom.width + 2
-
-
 def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndarray], group: int, *,
                   row_start: int, first_image: int, input_rows: int, dtype, index_dtype,
                   coordinate_corner: bool) -> SamplingPlan:
@@ -157,7 +153,7 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
         The offset group.
     first_image : int
         Position of the block's first image among the images stacked in the input the
-        indices point into, each on its :func:`padded_grid`.
+        indices point into, each on its grid (:mod:`.numpy_grid`).
     input_rows : int
         Rows of that stacked input.
     dtype, index_dtype
@@ -168,18 +164,38 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     Non-finite offsets are defined behaviour (docs/semantics.md); the backend calls this,
     like all its numerical work, under an error state that does not warn about them.
     """
+    images, rows = offset.shape[0], offset.shape[2]
+    samples_per_image = rows * geom.out_w * geom.kernel_points
+    _check_index_type(index_dtype, input_rows, images * samples_per_image)
+    py, px = _sampling_positions(geom, offset, group, row_start, dtype)
+    y0 = np.floor(py)
+    x0 = np.floor(px)
+    frac_y = py - y0
+    frac_x = px - x0
+    outside = (py <= -1) | (py >= geom.height) | (px <= -1) | (px >= geom.width)
+    corner, read = _top_left_corners(geom, y0, x0, outside, first_image, images, samples_per_image, index_dtype)
+    index, bilinear = _corners_and_weights(geom, read, frac_y, frac_x, outside, dtype)
+    flat_mask, weights = _masked_weights(geom, bilinear, mask, group, dtype)
+    return SamplingPlan(index, bilinear, weights, corner if coordinate_corner else None, frac_y, frac_x,
+                        flat_mask, outside, input_rows)
+
+
+def _check_index_type(index_dtype, input_rows: int, samples: int) -> None:
+    """Refuse an index type too small for the input's rows or the row pointers of ``samples`` samples.
+
+    SciPy's kernels do not check bounds: an index or row pointer that wrapped around would
+    read and write other memory.  The caller picks the type; this makes sure.
+    """
+    if max(input_rows, 4 * samples) > np.iinfo(index_dtype).max:
+        raise OverflowError(f"{np.dtype(index_dtype)} cannot index {input_rows} input rows and {samples} samples")
+
+
+def _sampling_positions(geom: ConvGeometry, offset: np.ndarray, group: int, row_start: int, dtype) -> tuple:
+    """Every sample's position ``(py, px)`` in the input, flat in plan order ``(image, row, column, kernel point)``."""
     kh, kw, k = geom.kernel_h, geom.kernel_w, geom.kernel_points
-    height, width = geom.height, geom.width
-    grid_rows, grid_cols = padded_grid(geom)
     images, rows, cols = offset.shape[0], offset.shape[2], geom.out_w
-    # SciPy's kernels do not check bounds: an index or row pointer that wrapped around
-    # would read and write other memory.  The caller picks the type; this makes sure.
-    if max(input_rows, 4 * images * rows * cols * k) > np.iinfo(index_dtype).max:
-        raise OverflowError(f"{np.dtype(index_dtype)} cannot index {input_rows} input rows "
-                            f"and {images * rows * cols * k} samples")
     (stride_h, stride_w), (dil_h, dil_w) = geom.stride, geom.dilation
     pad_top, pad_left = geom.padding[0], geom.padding[1]
-
     # offset[b, g*2K + 2k + {0: dy, 1: dx}, r, c] -> (b, r, c, k), rows in plan order
     pair = offset[:, group * 2 * k:(group + 1) * 2 * k].reshape(images, k, 2, rows, cols)
     dy = pair[:, :, 0].transpose(0, 2, 3, 1).astype(dtype, copy=False)
@@ -190,30 +206,41 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     kj = np.tile(np.arange(kw, dtype=dtype), kh)
     base_y = out_y * stride_h - pad_top + ki * dil_h          # (rows, 1, K)
     base_x = out_x * stride_w - pad_left + kj * dil_w         # (1, cols, K)
-    py = (dy + base_y).ravel()
-    px = (dx + base_x).ravel()
+    return (dy + base_y).ravel(), (dx + base_x).ravel()
 
-    y0 = np.floor(py)
-    x0 = np.floor(px)
-    frac_y = py - y0
-    frac_x = px - x0
-    outside = (py <= -1) | (py >= height) | (px <= -1) | (px >= width)
-    # The top-left corner on the padded grid, whose rows and columns are the image's plus one.
-    # Clamped, huge and infinite positions cast safely and land off the grid.  A NaN position
-    # casts to an arbitrary integer; its weights are NaN, so the sample is NaN whatever it reads.
+
+def _top_left_corners(geom: ConvGeometry, y0: np.ndarray, x0: np.ndarray, outside: np.ndarray, first_image: int,
+                      images: int, samples_per_image: int, index_dtype) -> tuple:
+    """Row of the stacked input holding each sample's top-left corner: ``(corner, read)``.
+
+    ``corner`` is the top-left corner on the image's grid wherever the sample's 2x2 block lies
+    on it, for the coordinate gradient; ``read`` is what the sample reads, which is the grid's
+    four border pixels instead for the early exit (see the module's docstring).
+    """
+    height, width = geom.height, geom.width
+    grid_cols = padded_grid(geom)[1]
+    # The grid's rows and columns are the image's plus one.  Clamped, huge and infinite positions
+    # cast safely and land off the grid.  A NaN position casts to an arbitrary integer; its weights
+    # are NaN, so the sample is NaN whatever it reads.
     gy = np.clip(y0, -2, height).astype(index_dtype) + 1
     gx = np.clip(x0, -2, width).astype(index_dtype) + 1
     unsigned = np.dtype(index_dtype).str.replace("i", "u")
     # One unsigned comparison tests 0 <= v <= n: the 2x2 block from (gy, gx) lies on the grid.
     on_grid = (gy.view(unsigned) <= height) & (gx.view(unsigned) <= width)
     image_base = (np.arange(first_image, first_image + images, dtype=index_dtype)
-                  * (grid_rows * grid_cols)).repeat(rows * cols * k)
+                  * grid_pixels(geom)).repeat(samples_per_image)
     # (0, W+1), (1, 0), (1, W+1), (2, 0): four border pixels, where samples that read nothing point.
     border = image_base + (width + 1)
     corner = np.where(on_grid, image_base + gy * grid_cols + gx, border)
-    read = np.where(outside, border, corner)
-    n = py.size
-    index = np.empty((n, 4), dtype=index_dtype)
+    return corner, np.where(outside, border, corner)
+
+
+def _corners_and_weights(geom: ConvGeometry, read: np.ndarray, frac_y: np.ndarray, frac_x: np.ndarray,
+                         outside: np.ndarray, dtype) -> tuple:
+    """The four corners' rows of the stacked input from the top-left ones, and their bilinear weights."""
+    grid_cols = padded_grid(geom)[1]
+    n = read.size
+    index = np.empty((n, 4), dtype=read.dtype)
     bilinear = np.empty((n, 4), dtype=dtype)
     wy = (1 - frac_y, frac_y)
     wx = (1 - frac_x, frac_x)
@@ -223,13 +250,17 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
         np.multiply(wy[a], wx[b], out=bilinear[:, q])
         # The early exit is an exact 0, even where the other coordinate is NaN.
         np.copyto(bilinear[:, q], 0, where=outside)
-    flat_mask = weights = None
+    return index, bilinear
+
+
+def _masked_weights(geom: ConvGeometry, bilinear: np.ndarray, mask: Optional[np.ndarray], group: int,
+                    dtype) -> tuple:
+    """``(the group's mask flat in plan order, the entries of S)``; without a mask, ``(None, bilinear)``."""
     if mask is None:
-        weights = bilinear
-    else:
-        flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
-        weights = np.empty_like(bilinear)
-        for q in range(4):
-            np.multiply(bilinear[:, q], flat_mask, out=weights[:, q])
-    return SamplingPlan(index, bilinear, weights, corner if coordinate_corner else None, frac_y, frac_x,
-                        flat_mask, outside, input_rows)
+        return None, bilinear
+    k = geom.kernel_points
+    flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
+    weights = np.empty_like(bilinear)
+    for q in range(4):
+        np.multiply(bilinear[:, q], flat_mask, out=weights[:, q])
+    return flat_mask, weights
