@@ -5,10 +5,11 @@ Where the work runs
 * CPU (and any platform other than CUDA): a host callback, :func:`jax.pure_callback`,
   calls the NumPy/SciPy backend on the host copies of the operands.
 * CUDA, with CuPy installed: :func:`jax.experimental.buffer_callback.buffer_callback`
-  hands the callback JAX's device buffers and XLA's stream; the CuPy kernels read
-  them in place and run on that stream, and the result is copied into JAX's output
-  buffer on the device.  No host round trip.  Without CuPy, or for bfloat16 (which
-  CuPy cannot wrap from a raw device buffer), CUDA falls back to the host callback.
+  hands the callback JAX's device buffers and XLA's stream; CuPy views the buffers
+  through DLPack (every dtype, bfloat16 included), the kernels read them in place and
+  run on that stream, and the result is copied into JAX's output buffer on the device.
+  No host round trip.  Without CuPy, or for bfloat16 where CuPy has no bfloat16
+  (:func:`deformcp.interop.cupy_bfloat16_missing`), CUDA falls back to the host callback.
 
 Under :func:`jax.vmap` the callbacks receive the mapped axes in front
 (``vmap_method="expand_dims"``).  When the weight and bias are shared by all
@@ -151,17 +152,16 @@ def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
     def host(*ops):
         return jax.pure_callback(on_host, results, *ops, vmap_method="expand_dims")
 
-    platforms = [p for p in _IN_PLACE_PLATFORMS if p != "cuda" or _cupy_available()]
-    # CuPy cannot wrap a raw bfloat16 device buffer: bfloat16 takes the host callback.
-    if not platforms or any(np.dtype(r.dtype).name == "bfloat16" for r in results):
+    platforms = [p for p in _IN_PLACE_PLATFORMS if p != "cuda" or _cupy_takes(results[0].dtype)]
+    if not platforms:
         return host(*operands)
 
     def on_buffers(ctx, outs, *buffers):
         # The weight is never empty, so its buffer tells the device all of them are on.
-        with _buffer_module(buffers[names.index("weight")], ctx) as xp:
-            out = _unmapped(run, fold, {n: xp.asarray(b) for n, b in zip(names, buffers)}, xp)
+        with _buffer_arrays(buffers[names.index("weight")], ctx) as (xp, view):
+            out = _unmapped(run, fold, {n: view(b) for n, b in zip(names, buffers)}, xp)
             for target, value in zip(outs, out):
-                xp.asarray(target)[...] = value
+                view(target)[...] = value
 
     from jax.experimental.buffer_callback import buffer_callback
 
@@ -173,18 +173,30 @@ def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
 _IN_PLACE_PLATFORMS = ("cuda",)
 
 @contextlib.contextmanager
-def _buffer_module(buffer, ctx):
-    """Yield the array module for ``buffer_callback`` buffers like ``buffer``; for CUDA, run on the
-    buffer's device with XLA's stream as CuPy's current stream, so the kernels are ordered with XLA's work."""
+def _buffer_arrays(buffer, ctx):
+    """Yield ``(xp, view)`` for ``buffer_callback`` buffers like ``buffer``: their array module, and
+    the function that views one as an array of it, in place.
+
+    For CUDA, CuPy views them through DLPack (``cupy.from_dlpack``, which takes bfloat16;
+    their ``__cuda_array_interface__`` cannot describe it), and the block runs on the
+    buffer's device with XLA's stream as CuPy's current stream, so the kernels are ordered
+    with XLA's work.
+    """
     device_type, device = buffer.__dlpack_device__()
     if device_type != interop.DL_CUDA:
-        yield np
+        yield np, np.asarray
         return
     import cupy
 
     stream = ctx.stream() if callable(ctx.stream) else ctx.stream  # a method in some jaxlib versions
-    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream, device):
-        yield cupy
+    with cupy.cuda.Device(device), interop.on_stream(stream):
+        yield cupy, cupy.from_dlpack
+
+def _cupy_takes(dtype) -> bool:
+    """Whether CUDA arrays of ``dtype`` run in place through CuPy (else through the host)."""
+    if not _cupy_available():
+        return False
+    return np.dtype(dtype).name != "bfloat16" or interop.cupy_bfloat16_missing() is None
 
 @functools.lru_cache(maxsize=None)
 def _cupy_available() -> bool:

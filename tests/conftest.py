@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
 import deformcp
+
+# JAX takes 75% of a GPU's memory when its backend starts, which starves CuPy and PyTorch in
+# the same test process; set before any test module imports JAX.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture
@@ -22,3 +28,14 @@ def _restore_workspace_limit():
     limit = deformcp.get_workspace_limit()
     yield
     deformcp.set_workspace_limit(limit)
+
+
+@pytest.fixture(autouse=True)
+def _jax_on_the_cpu(request):
+    """Tests not marked ``gpu`` compute on the CPU, also where JAX's default backend is a GPU."""
+    jax = sys.modules.get("jax")
+    if jax is None or request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield

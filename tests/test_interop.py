@@ -397,3 +397,26 @@ def test_cpu_and_cuda_arrays_are_refused(problem):
     with pytest.raises(TypeError, match=r"one device.*x on cpu.*offset on cuda:0"):
         deformcp.deform_conv2d(torch.from_numpy(p.x), torch.from_numpy(p.offset).cuda(), *p.inputs[2:],
                                **p.spec.kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TORCH_CUDA_REASON is not None, reason=str(TORCH_CUDA_REASON))
+def test_torch_cuda_memory_comes_from_torchs_caching_allocator(problem):
+    import gc
+
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    tensors = [None if a is None else torch.from_numpy(a).float().cuda() for a in problem.inputs]
+    torch.cuda.synchronize()
+    held_by_cupy, allocated = pool.used_bytes(), torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = deformcp.deform_conv2d(*tensors, **problem.spec.kwargs)
+    torch.cuda.synchronize()
+    assert pool.used_bytes() == held_by_cupy, "CuPy's own pool served the call"
+    assert torch.cuda.memory_allocated() - allocated >= out.numel() * out.element_size()
+    assert torch.cuda.max_memory_allocated() > torch.cuda.memory_allocated(), "the scratch space was not torch's"
+    del out
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated, "the output's memory did not go back to PyTorch"

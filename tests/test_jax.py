@@ -1,4 +1,9 @@
-"""The JAX adapter: values and gradients against the float64 reference, under jit, grad and vmap."""
+"""The JAX adapter: values and gradients against the float64 reference, under jit, grad and vmap.
+
+Arrays are placed on an explicit device: the CPU, except in the tests marked ``gpu``
+(``tests/conftest.py`` also keeps JAX's default device on the CPU for the others), so the
+CPU tests test the CPU also where JAX's default backend is a GPU.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from deformcp import testing
 SPECS = {name: EXAMPLE_SPECS[name] for name in ("basic", "groups2_offset_groups2", "stride2", "asymmetric_padding",
                                                  "dilation", "no_mask_no_bias")}
 SPEC_PARAMS = [pytest.param(s, id=n) for n, s in SPECS.items()]
+CPU = jax.devices("cpu")[0]
 
 
 @pytest.fixture
@@ -24,8 +30,12 @@ def x64():
         yield
 
 
-def _arrays(problem, dtype=None):
-    return [None if a is None else jnp.asarray(a, dtype=dtype) for a in problem.inputs]
+def _put(array, dtype=None, device=CPU):
+    return jax.device_put(jnp.asarray(array, dtype=dtype), device)
+
+
+def _arrays(problem, dtype=None, device=CPU):
+    return [None if a is None else _put(a, dtype, device) for a in problem.inputs]
 
 
 def _vjp_all(arrays, grad_out, kwargs):
@@ -58,7 +68,7 @@ def _assert_gradients(grads, problem, dtype_name="float64"):
 @pytest.mark.parametrize("spec", SPEC_PARAMS)
 def test_float64_values_and_gradients_against_reference(spec, rng, x64):
     problem = make_problem(spec, rng)
-    out, grads = _vjp_all(_arrays(problem), jnp.asarray(problem.grad_out), spec.kwargs)
+    out, grads = _vjp_all(_arrays(problem), _put(problem.grad_out), spec.kwargs)
     assert out.dtype == jnp.float64
     assert_within_tolerance(out, testing.loop_deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
     _assert_gradients(grads, problem)
@@ -69,7 +79,7 @@ def test_low_precision_values_and_gradients(dtype, name, rng):
     spec = SPECS["groups2_offset_groups2"]
     rounded = make_problem(spec, rng).astype(np.dtype(dtype))
     exact = rounded.astype(np.float64)
-    out, grads = _vjp_all(_arrays(rounded), jnp.asarray(rounded.grad_out), spec.kwargs)
+    out, grads = _vjp_all(_arrays(rounded), _put(rounded.grad_out), spec.kwargs)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values() if g is not None)
     assert_within_tolerance(np.asarray(out), testing.loop_deform_conv2d(*exact.inputs, **spec.kwargs), name, "forward")
     _assert_gradients(grads, rounded, name)
@@ -112,7 +122,7 @@ def test_vmap_over_inputs_folds_into_one_backend_call(rng, monkeypatch):
     spec = SPECS["groups2_offset_groups2"]
     examples = [make_problem(spec, rng).astype(np.float32) for _ in range(3)]
     shared = _arrays(examples[0])
-    xs, offsets, masks = (jnp.stack([getattr(p, n) for p in examples]) for n in ("x", "offset", "mask"))
+    xs, offsets, masks = (_put(np.stack([getattr(p, n) for p in examples])) for n in ("x", "offset", "mask"))
     f = lambda x, o, m: dj.deform_conv2d(x, o, m, shared[3], shared[4], **spec.kwargs)  # noqa: E731
     expected = _stack_of(f, xs, offsets, masks)
     calls = _record_calls(monkeypatch, "deform_conv2d")
@@ -137,7 +147,7 @@ def test_vmap_of_grad_gives_per_example_gradients(rng):
     spec = SPECS["asymmetric_padding"]
     examples = [make_problem(spec, rng).astype(np.float32) for _ in range(3)]
     x, offset, mask, weight, bias = _arrays(examples[0])
-    xs = jnp.stack([p.x for p in examples])
+    xs = _put(np.stack([p.x for p in examples]))
 
     def loss(w, b, x, offset):
         return jnp.sum(jnp.tanh(dj.deform_conv2d(x, offset, mask, w, b, **spec.kwargs)))
@@ -153,10 +163,10 @@ def test_grad_of_a_vmapped_loss_sums_over_examples(rng):
     spec = SPECS["no_mask_no_bias"]
     examples = [make_problem(spec, rng) for _ in range(2)]
     with jax.enable_x64(True):
-        xs = jnp.stack([p.x for p in examples])
-        offsets = jnp.stack([p.offset for p in examples])
-        weight = jnp.asarray(examples[0].weight)
-        g_out = jnp.stack([p.grad_out for p in examples])
+        xs = _put(np.stack([p.x for p in examples]))
+        offsets = _put(np.stack([p.offset for p in examples]))
+        weight = _put(examples[0].weight)
+        g_out = _put(np.stack([p.grad_out for p in examples]))
         total = lambda w: jnp.vdot(jax.vmap(lambda x, o: dj.deform_conv2d(x, o, None, w, **spec.kwargs))(xs, offsets),
                                    g_out)  # noqa: E731
         actual = np.asarray(jax.grad(total)(weight))
@@ -185,43 +195,53 @@ def test_bfloat16_results_are_bfloat16(rng):
 # ----------------------------------------------------------------------------------------- GPU
 
 
-def _gpu_reason():
-    if jax.default_backend() != "gpu":
-        return f"JAX's default backend is {jax.default_backend()}, not a GPU"
-    return None
+def _gpu_device():
+    """JAX's first GPU, and ``None`` with the reason where JAX has none."""
+    try:
+        return jax.devices("gpu")[0], None
+    except RuntimeError as exc:
+        return None, f"JAX has no GPU backend ({exc})"
 
 
-GPU_REASON = _gpu_reason()
+GPU, GPU_REASON = _gpu_device()
+DEVICE_PATH_DTYPES = [pytest.param(np.dtype(np.float64), id="float64"),
+                      pytest.param(np.dtype(ml_dtypes.bfloat16), id="bfloat16")]
 
 
-def _check_in_place_path(rng, callback_target):
+def _check_in_place_path(rng, callback_target, device, dtype):
     """Values, gradients and both vmap paths through ``buffer_callback``, whose lowering names ``callback_target``."""
     spec = SPECS["groups2_offset_groups2"]
-    problem = make_problem(spec, rng)
-    arrays = _arrays(problem)
+    rounded = make_problem(spec, rng).astype(dtype)
+    exact = rounded.astype(np.float64)
+    arrays = _arrays(rounded, device=device)
     hlo = jax.jit(lambda *a: dj.deform_conv2d(*a, **spec.kwargs)).lower(*arrays).as_text()
     assert callback_target in hlo
-    out, grads = _vjp_all(arrays, jnp.asarray(problem.grad_out), spec.kwargs)
-    assert out.devices() == arrays[0].devices()
-    assert_within_tolerance(np.asarray(out), testing.loop_deform_conv2d(*problem.inputs, **spec.kwargs), "float64", "forward")
-    _assert_gradients(grads, problem)
+    out, grads = _vjp_all(arrays, _put(rounded.grad_out, device=device), spec.kwargs)
+    assert out.devices() == {device} and out.dtype == dtype
+    assert_within_tolerance(np.asarray(out), testing.loop_deform_conv2d(*exact.inputs, **spec.kwargs), dtype.name,
+                            "forward")
+    _assert_gradients(grads, rounded, dtype.name)
     xs = jnp.stack([arrays[0], 2 * arrays[0]])
     weights = jnp.stack([arrays[3], -arrays[3]])
     f = lambda x, w: dj.deform_conv2d(x, arrays[1], arrays[2], w, arrays[4], **spec.kwargs)  # noqa: E731
-    assert_within_tolerance(np.asarray(jax.vmap(f)(xs, weights)), np.asarray(_stack_of(f, xs, weights)), "float64", "vmap")
+    assert_within_tolerance(np.asarray(jax.vmap(f)(xs, weights)), np.asarray(_stack_of(f, xs, weights)), dtype.name,
+                            "vmap")
     assert_within_tolerance(np.asarray(jax.vmap(f, in_axes=(0, None))(xs, arrays[3])),
-                 np.asarray(_stack_of(f, xs, [arrays[3]] * 2)), "float64", "folded vmap")
+                            np.asarray(_stack_of(f, xs, [arrays[3]] * 2)), dtype.name, "folded vmap")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))
-def test_gpu_runs_on_device_buffers(rng, x64):
-    # With CuPy present the lowered program uses the device-buffer callback, not a host callback.
+@pytest.mark.parametrize("dtype", DEVICE_PATH_DTYPES)
+def test_gpu_runs_on_device_buffers(rng, x64, dtype):
+    # With CuPy present the lowered program uses the device-buffer callback, not a host callback,
+    # for bfloat16 too (CuPy 14 views bfloat16 buffers through DLPack).
     pytest.importorskip("cupy", reason="CuPy is needed for the device-buffer path")
-    _check_in_place_path(rng, "xla_buffer_python_gpu_callback")
+    _check_in_place_path(rng, "xla_buffer_python_gpu_callback", GPU, dtype)
 
 
-def test_in_place_buffer_path_on_the_cpu(rng, monkeypatch, x64):
+@pytest.mark.parametrize("dtype", DEVICE_PATH_DTYPES)
+def test_in_place_buffer_path_on_the_cpu(rng, monkeypatch, x64, dtype):
     # The path CUDA takes (buffer_callback, results written into XLA's buffers), run on the CPU with NumPy.
     monkeypatch.setattr(dj, "_IN_PLACE_PLATFORMS", ("cpu",))
-    _check_in_place_path(rng, "xla_buffer_python_cpu_callback")
+    _check_in_place_path(rng, "xla_buffer_python_cpu_callback", CPU, dtype)

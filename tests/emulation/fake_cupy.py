@@ -12,6 +12,14 @@ CuPy where CuPy would fail silently on a GPU:
 * a launch needs a non-empty grid and block, as CUDA does;
 * ``empty`` fills with NaN, so an output element a kernel fails to write shows up.
 
+For the interop layer and the JAX adapter it also has what they use of CuPy 14.2 around
+the arrays, as strictly: ``__version__`` (:data:`VERSION`; :func:`pretending` answers as
+an older CuPy), ``from_dlpack`` (of a :class:`CudaArray`, an array that says it lives on
+CUDA device 0), current streams with ``Stream.from_external`` (the CUDA stream
+protocol, checked as CuPy checks it) and a deprecated ``ExternalStream`` that warns as
+CuPy 14 does, and thread-local allocators (``using_allocator``,
+``PythonFunctionAllocator``) through which ``empty`` and ``zeros`` allocate.
+
 Use :func:`installed` to swap it in for ``cupy`` while importing the backend.
 """
 
@@ -22,14 +30,17 @@ import ctypes
 import importlib
 import sys
 import types
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
 from . import build
 
 MULTIPROCESSORS = 2
+# The CuPy version the stand-in answers as, unless a test is :func:`pretending` to be another.
+VERSION = "14.2.0"
 
 
 class ndarray(np.ndarray):
@@ -67,11 +78,155 @@ def empty(shape, dtype=np.float64) -> ndarray:
     out = np.empty(shape, dtype=dtype)
     if out.dtype.kind == "f" or out.dtype.name == "bfloat16":
         out.fill(np.nan)
-    return _wrap(out)
+    return _allocated(out)
 
 
 def zeros(shape, dtype=np.float64) -> ndarray:
-    return _wrap(np.zeros(shape, dtype=dtype))
+    return _allocated(np.zeros(shape, dtype=dtype))
+
+
+def _allocated(values: np.ndarray) -> ndarray:
+    """``values`` as a device array, its memory taken from the allocator in use, if one is set."""
+    array = _wrap(values)
+    if _allocators:
+        array.memory = _allocators[-1](array.nbytes)  # held as long as the array (and its views)
+    return array
+
+
+class CudaArray:
+    """A DLPack producer that says it lives on CUDA device 0; ``from_dlpack`` turns it into an ``ndarray``.
+
+    NumPy would refuse its capsule (CUDA memory), so the stand-in's ``from_dlpack`` reads
+    the host array directly; ``dlpack_calls`` counts the times anything asked for it.
+    """
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.dlpack_calls = 0
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+    def __dlpack_device__(self) -> tuple:
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, **kwargs):
+        self.dlpack_calls += 1
+        raise BufferError("the stand-in's CUDA arrays are read by cupy.from_dlpack only")
+
+
+def from_dlpack(array) -> ndarray:
+    """``cupy.from_dlpack``: a view of a :class:`CudaArray`; bfloat16 only where this CuPy has it."""
+    if not isinstance(array, CudaArray):
+        raise TypeError(f"the stand-in imports CudaArray only, got {type(array).__name__}")
+    array.dlpack_calls += 1
+    if array.dtype.name == "bfloat16" and _major() < 14:
+        raise NotImplementedError("CuPy does not support bfloat16 yet")  # CuPy 13's words
+    return _wrap(array.values)
+
+
+def _major() -> int:
+    """The major version of the stand-in in ``sys.modules`` (the one deformcp sees)."""
+    return int(sys.modules["cupy"].__version__.split(".")[0])
+
+
+@contextlib.contextmanager
+def pretending(version: str) -> Iterator[None]:
+    """Inside :func:`installed`, answer as CuPy ``version`` (e.g. ``"13.6.0"``, which has no bfloat16)."""
+    fake = sys.modules["cupy"]
+    saved, fake.__version__ = fake.__version__, version
+    try:
+        yield
+    finally:
+        fake.__version__ = saved
+
+
+class Stream:
+    """``cupy.cuda.Stream``, as far as deformcp uses it: a pointer, ``from_external``, ``with``."""
+
+    def __init__(self, ptr: int = 0):
+        self.ptr = ptr
+        self.foreign = None
+
+    @classmethod
+    def from_external(cls, obj) -> "Stream":
+        """CuPy 14's checks, in its order: the protocol, a 2-tuple of ints, version 0."""
+        try:
+            version, pointer = obj.__cuda_stream__()
+        except AttributeError as exc:
+            raise TypeError(f"Object of type {type(obj).__name__} does not implement the CUDA stream protocol "
+                            "(__cuda_stream__ method)") from exc
+        if not isinstance(version, int) or not isinstance(pointer, int):
+            raise TypeError("__cuda_stream__() must return (int, int)")
+        if version != 0:
+            raise TypeError(f"__cuda_stream__() returned unsupported version {version}")
+        stream = cls(pointer)
+        stream.foreign = obj
+        return stream
+
+    def __enter__(self) -> "Stream":
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _streams.pop()
+
+
+class ExternalStream(Stream):
+    """``cupy.cuda.ExternalStream``, which CuPy 14 deprecates with a warning on every construction."""
+
+    def __init__(self, ptr: int, device_id: int = -1):
+        if _major() >= 14:
+            warnings.warn("ExternalStream is deprecated. Use Stream.from_external() instead to interoperate with "
+                          "external streams that implement the CUDA stream protocol.", DeprecationWarning,
+                          stacklevel=2)
+        super().__init__(ptr)
+
+
+_NULL_STREAM = Stream(0)
+_streams: List[Stream] = []
+_allocators: List[Callable] = []
+
+
+def get_current_stream() -> Stream:
+    return _streams[-1] if _streams else _NULL_STREAM
+
+
+@contextlib.contextmanager
+def using_allocator(allocator: Callable) -> Iterator[None]:
+    """``cupy.cuda.using_allocator``: ``allocator(size)`` serves this thread's allocations in the block."""
+    _allocators.append(allocator)
+    try:
+        yield
+    finally:
+        _allocators.pop()
+
+
+class _ExternalMemory:
+    """What ``PythonFunctionAllocator`` hands out: ``malloc(size, device)`` now, ``free(ptr, device)`` on release."""
+
+    def __init__(self, size: int, malloc: Callable, free: Callable):
+        self.size, self._free = size, free
+        self.ptr = malloc(size, 0) if size > 0 else 0
+
+    def __del__(self):
+        if self.ptr:
+            self._free(self.ptr, 0)
+
+
+class PythonFunctionAllocator:
+    """``cupy.cuda.PythonFunctionAllocator(malloc, free)``; its ``malloc`` is the allocator."""
+
+    def __init__(self, malloc_func: Callable, free_func: Callable):
+        self._malloc, self._free = malloc_func, free_func
+
+    def malloc(self, size: int) -> _ExternalMemory:
+        return _ExternalMemory(size, self._malloc, self._free)
 
 
 def ascontiguousarray(array) -> ndarray:
@@ -177,11 +332,14 @@ def module() -> types.ModuleType:
     """A fresh module object that can stand in for ``cupy``."""
     fake = types.ModuleType("cupy")
     fake.__dict__.update(
-        ndarray=ndarray, asarray=asarray, empty=empty, zeros=zeros, ascontiguousarray=ascontiguousarray,
-        matmul=matmul, RawModule=RawModule, RawKernel=RawKernel,
+        __version__=VERSION, ndarray=ndarray, asarray=asarray, empty=empty, zeros=zeros,
+        ascontiguousarray=ascontiguousarray, matmul=matmul, from_dlpack=from_dlpack, RawModule=RawModule,
+        RawKernel=RawKernel,
         cuda=types.SimpleNamespace(
-            Device=Device, is_available=lambda: True,
-            runtime=types.SimpleNamespace(getDeviceProperties=_device_properties)),
+            Device=Device, is_available=lambda: True, Stream=Stream, ExternalStream=ExternalStream,
+            get_current_stream=get_current_stream, using_allocator=using_allocator,
+            PythonFunctionAllocator=PythonFunctionAllocator,
+            runtime=types.SimpleNamespace(getDeviceProperties=_device_properties, getDeviceCount=lambda: 1)),
     )
     return fake
 
