@@ -1,8 +1,10 @@
 """The CuPy backend on a real CUDA device.
 
 Skipped, with the reason, where CuPy is not installed or sees no device (CI has none;
-``tests/test_kernels_emulated.py`` checks the same kernels there on the CPU).  Run with
-``python -m pytest -m gpu tests/test_gpu.py``; see ``docs/cuda.md``.
+``tests/test_kernels_emulated.py`` checks the same kernels there on the CPU).  The tests
+are collected everywhere (CuPy is imported only where it can be), so that a machine
+without a GPU still sees the suite: ``benchmarks/device_check.py`` counts it there.  Run
+with ``python -m pytest -m gpu tests/test_gpu.py``; see ``docs/cuda.md``.
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from deformcp.backends import cuda_kernels
 import backend_check
 from problems import TOLERANCE, Spec, make_problem, relative_error, specs
 
-pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed; the GPU tests need cupy-cuda12x or cupy-cuda13x")
-try:
-    _DEVICES = cupy.cuda.runtime.getDeviceCount()
-except Exception as exc:  # CUDARuntimeError without a driver
-    pytest.skip(f"CuPy sees no CUDA device ({type(exc).__name__}: {exc})", allow_module_level=True)
-if _DEVICES == 0:
-    pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
+def _cupy_or_reason():
+    """CuPy with a CUDA device, or ``None`` and why not."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CuPy that cannot load its CUDA libraries
+        return None, (f"CuPy cannot be imported ({type(exc).__name__}: {exc}); the GPU tests need cupy-cuda12x "
+                      "or cupy-cuda13x")
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError without a driver
+        return None, f"CuPy sees no CUDA device ({type(exc).__name__}: {exc})"
+    return (cupy, None) if devices > 0 else (None, "CuPy sees no CUDA device")
 
-from deformcp.backends import cupy_backend  # noqa: E402  (imports CuPy, so only after the checks)
+
+cupy, GPU_REASON = _cupy_or_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))]
+if cupy is not None:
+    from deformcp.backends import cupy_backend  # imports CuPy
 
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 
