@@ -14,6 +14,7 @@ through matplotlib's ``plot`` directive, so that they follow the code.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -120,6 +121,14 @@ def _check_api_coverage(app, env):
                                 type="deformcp", subtype="api_coverage")
 
 
+def _no_type_docstring(app, what, name, obj, options, lines):
+    """A module constant without a ``#:`` comment gets its type's docstring from autodoc (str's for
+    ``__version__``, dict's for ``TOLERANCE``): show none rather than that."""
+    type_doc = inspect.getdoc(type(obj))
+    if what == "data" and type_doc and "\n".join(lines).strip() == type_doc.strip():
+        lines.clear()
+
+
 def _redraw_figures(app, env, added, changed, removed):
     """Re-read the figures page on every build: Sphinx does not see that its drawings depend on
     figures/semantics_figures.py and on deformcp, and the three figures take a second or two."""
@@ -129,4 +138,6 @@ def _redraw_figures(app, env, added, changed, removed):
 def setup(app):
     app.connect("source-read", _optional_pages)
     app.connect("env-get-outdated", _redraw_figures)
+    # Before numpydoc (priority 500) rewrites the lines.
+    app.connect("autodoc-process-docstring", _no_type_docstring, priority=400)
     app.connect("env-check-consistency", _check_api_coverage)

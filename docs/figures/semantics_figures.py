@@ -21,7 +21,7 @@ def offset_channel_layout(kernel=(3, 3), offset_groups=2):
     kh, kw = kernel
     K = kh * kw
     figure = plt.figure(figsize=(10, 5.6))
-    grid = figure.add_gridspec(2, offset_groups, height_ratios=(3.2, 1.3), hspace=0.35)
+    grid = figure.add_gridspec(2, offset_groups, height_ratios=(3.2, 1.3), hspace=0.35, top=0.84)
     for g in range(offset_groups):
         ax = figure.add_subplot(grid[0, g])
         for i in range(kh):
@@ -31,7 +31,7 @@ def offset_channel_layout(kernel=(3, 3), offset_groups=2):
                                        edgecolor=GROUP_COLORS[g]))
                 dy = g * 2 * K + 2 * k
                 ax.text(j, i - 0.25, f"k = {k}", ha="center", va="center", fontsize=10, weight="bold")
-                ax.text(j, i + 0.03, f"dy {dy}, dx {dy + 1}", ha="center", va="center", fontsize=9.5)
+                ax.text(j, i + 0.03, f"dy {dy}, dx {dy + 1}", ha="center", va="center", fontsize=9)
                 ax.text(j, i + 0.28, f"mask {g * K + k}", ha="center", va="center", fontsize=9.5, color="0.35")
         ax.set_xlim(-0.55, kw - 0.45)
         ax.set_ylim(kh - 0.45, -0.55)
@@ -62,8 +62,8 @@ def offset_channel_layout(kernel=(3, 3), offset_groups=2):
                      "channel g·2K + 2k is dy, g·2K + 2k + 1 is dx")
     for side in ("left", "right", "top"):
         strip.spines[side].set_visible(False)
-    figure.suptitle(f"Offset and mask channels of a {kh}x{kw} kernel (K = {K}) with G = {offset_groups} "
-                    "offset groups:\nthe channel numbers of each kernel point (i, j), k = i·kw + j", fontsize=11)
+    figure.suptitle(f"Offset and mask channel numbers of each kernel point (i, j), k = i·kw + j, of a {kh}x{kw} "
+                    f"kernel (K = {K}) with G = {offset_groups} offset groups", fontsize=11)
     return figure
 
 
