@@ -48,12 +48,6 @@ root_doc = "index"
 exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
 templates_path = ["api/_templates"]
 
-# Pages that exist only once their authors land them; conf.py lists each one in
-# index.md's toctree when its file is there (see _optional_pages below), so that
-# the build neither refers to a missing page nor leaves a new one out of the toctree.
-OPTIONAL_PAGES = ["migration"]
-OPTIONAL_PAGES_MARKER = "<!-- optional pages -->"
-
 # --- MyST: the existing pages are plain Markdown with links between them ---------
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
@@ -102,14 +96,6 @@ html_show_sourcelink = False
 _logger = logging.getLogger("deformcp.docs")
 
 
-def _optional_pages(app, docname, source):
-    """Put each optional page that exists into index.md's toctree, at the marker."""
-    if docname != root_doc:
-        return
-    present = [page for page in OPTIONAL_PAGES if (DOCS / f"{page}.md").exists()]
-    source[0] = source[0].replace(OPTIONAL_PAGES_MARKER, "\n".join(present))
-
-
 def _check_api_coverage(app, env):
     """Warn (an error under -W) for each name in a documented module's __all__ that the reference lacks."""
     domain = env.get_domain("py")
@@ -136,7 +122,6 @@ def _redraw_figures(app, env, added, changed, removed):
 
 
 def setup(app):
-    app.connect("source-read", _optional_pages)
     app.connect("env-get-outdated", _redraw_figures)
     # Before numpydoc (priority 500) rewrites the lines.
     app.connect("autodoc-process-docstring", _no_type_docstring, priority=400)
