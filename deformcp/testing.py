@@ -137,6 +137,7 @@ def _positions(x_shape, offset, kh, kw, stride, padding, dilation):
                             yield b, g, i, j, k, oy, ox, py, px
 
 
+@np.errstate(all="ignore")  # NaN and Inf are defined behaviour (docs/semantics.md)
 def loop_im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
     """Columns of shape (B, C, kh*kw, H_out, W_out), float64."""
     x = np.asarray(x, np.float64)
@@ -152,6 +153,7 @@ def loop_im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
     return cols
 
 
+@np.errstate(all="ignore")  # NaN and Inf are defined behaviour (docs/semantics.md)
 def loop_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
     """Forward pass in float64."""
     x, offset, weight = (np.asarray(a, np.float64) for a in (x, offset, weight))
@@ -173,6 +175,7 @@ def loop_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, 
     return y
 
 
+@np.errstate(all="ignore")  # NaN and Inf are defined behaviour (docs/semantics.md)
 def loop_deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
     """All five gradients in float64, as a dict keyed by input name (mask/bias None when absent)."""
     grad_out, x, offset, weight = (np.asarray(a, np.float64) for a in (grad_out, x, offset, weight))

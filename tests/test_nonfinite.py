@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import deformcp
+import nonfinite_cases
 from problems import Spec, make_problem, run_backward, run_forward, run_im2col
 
 SPEC = Spec(batch=2, in_channels=4, out_channels=4, height=5, width=6, groups=2, offset_groups=2)
@@ -277,3 +278,12 @@ def test_non_finite_values_do_not_warn(threads, rng, monkeypatch):
     for name, value in {"out": out, "columns": columns, **grads}.items():
         assert not np.isfinite(value).all(), f"{name}: the non-finite inputs reach it"
         assert np.isfinite(value).any(), f"{name}: but not everywhere"
+
+
+# --- every input of the backward, against torchvision's arithmetic ------------------------
+
+@pytest.mark.parametrize("name, value, offset_kind", nonfinite_cases.CASES)
+def test_nonfinite_input_reaches_what_torchvision_reaches(name, value, offset_kind, rng):
+    problem = nonfinite_cases.poisoned_problem(SPEC, name, value, offset_kind, rng)
+    actual = dict(forward=run_forward(problem), **run_backward(problem))
+    nonfinite_cases.assert_same_patterns(actual, nonfinite_cases.oracle_outputs(problem), f"{name}={value}")

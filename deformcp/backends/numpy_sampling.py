@@ -46,6 +46,9 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching in the tes
 
 __all__ = ["SamplingPlan", "sampling_plan"]
 
+# (row, column) of each corner from the top-left one, in the order of SamplingPlan's columns.
+_CORNER_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
 
 @dataclass(frozen=True)
 class SamplingPlan:
@@ -104,23 +107,56 @@ class SamplingPlan:
         """``out[...] = S @ source``: the samples' values, ``(N, channels)`` from ``(input_rows, channels)``."""
         if _csr_matvecs is None:
             out[...] = self.operator @ source
-            return out
-        out.fill(0)
-        rows, channels = out.shape
-        _csr_matvecs(rows, self.input_rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
-                     self.weights.ravel(), _flat(source, "source"), _flat(out, "out"))
+        else:
+            out.fill(0)
+            rows, channels = out.shape
+            _csr_matvecs(rows, self.input_rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
+                         self.weights.ravel(), _flat(source, "source"), _flat(out, "out"))
+        if self.mask is not None:
+            # S carries the mask in its weights, (w * m) * v.  torchvision multiplies the sum,
+            # m * (sum of w * v): the same but for an infinite mask, where a corner of weight 0
+            # would give 0 * Inf = NaN instead of +-Inf.  Those rarest of samples are redone.
+            infinite = np.flatnonzero(np.isinf(self.mask))
+            if infinite.size:
+                corners = source[self.index[infinite]]  # (samples, 4, channels)
+                value = sum(self.bilinear[infinite, q, None] * corners[:, q] for q in range(4))
+                out[infinite] = self.mask[infinite, None] * value
         return out
 
     def scatter_add(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out += S.T @ values``: the samples' gradients summed into the input pixels they read."""
-        if _csc_matvecs is None:
-            out += self.operator.T @ values
-            return out
+        """``out += S.T @ values``: the samples' gradients summed into the input pixels they read.
+
+        torchvision adds a sample's gradient only to the corners within distance 1 of its
+        position: the far corners of an integer coordinate, whose weight is 0, get nothing.
+        Adding ``0 * g`` there changes nothing while ``g`` and the mask are finite; where one
+        of them is not (``0 * Inf = NaN``), those entries are sent to a border pixel instead.
+        """
+        index = self.index
+        if not (np.isfinite(values).all() and (self.mask is None or np.isfinite(self.mask).all())):
+            index = self._near_corners_only()
         rows, channels = values.shape
+        if _csc_matvecs is None:
+            operator = scipy.sparse.csr_array((self.weights.ravel(), index.ravel(), _indptr(rows, index.dtype)),
+                                              shape=(rows, self.input_rows))
+            out += operator.T @ values
+            return out
         # S's CSR arrays are S.T's CSC arrays.
-        _csc_matvecs(self.input_rows, rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
+        _csc_matvecs(self.input_rows, rows, channels, _indptr(rows, index.dtype), index.ravel(),
                      self.weights.ravel(), _flat(values, "values"), _flat(out, "out"))
         return out
+
+    def _near_corners_only(self) -> np.ndarray:
+        """:attr:`index` with the corners farther than 1 from the position sent to a border pixel.
+
+        Row 0 of the stacked input is the top border row of its first image, whose
+        gradient is never read.
+        """
+        near_y = (1 - self.frac_y > 0, self.frac_y > 0)
+        near_x = (1 - self.frac_x > 0, self.frac_x > 0)
+        index = self.index.copy()
+        for q, (a, b) in enumerate(_CORNER_OFFSETS):
+            index[~(near_y[a] & near_x[b]), q] = 0
+        return index
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,7 +281,7 @@ def _corners_and_weights(geom: ConvGeometry, read: np.ndarray, frac_y: np.ndarra
     wy = (1 - frac_y, frac_y)
     wx = (1 - frac_x, frac_x)
     # Column by column: NumPy's loops over a trailing axis of 4 run 4 elements per call.
-    for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+    for q, (a, b) in enumerate(_CORNER_OFFSETS):
         np.add(read, a * grid_cols + b, out=index[:, q])
         np.multiply(wy[a], wx[b], out=bilinear[:, q])
         # The early exit is an exact 0, even where the other coordinate is NaN.
