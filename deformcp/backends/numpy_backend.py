@@ -187,10 +187,14 @@ class _Backward:
             gcols = grad_cols[:, :, g * cg:(g + 1) * cg].reshape(npix * k, cg)
             if geom.offset_groups > 1:
                 gcols = np.ascontiguousarray(gcols)
+            # With every value finite, the order of products cannot matter; otherwise 0 * Inf
+            # terms must fall where torchvision's order puts them (docs/semantics.md, section 11).
+            finite = bool(np.isfinite(gcols).all()) and plan.mask_is_finite()
             if gx is not None:
-                plan.scatter_add(gcols, gx[g])
+                plan.scatter_add(gcols, gx[g], near_only=not finite)
             if self.coordinates:
-                _coordinate_gradients(geom, chunk, plan, xl[g], gcols, g, self.coordinate_grads, self.x_finite)
+                _coordinate_gradients(geom, chunk, plan, xl[g], gcols, g, self.coordinate_grads,
+                                      fast=finite and self.x_finite)
 
     def add_up(self, results: Iterable[_TileGradients]) -> None:
         """Adds the tiles' partial gradients, in tile order so that the sums do not depend on thread timing.
@@ -304,7 +308,7 @@ def _weight_gradient(go: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, xg: np.ndarray,
-                          gcols: np.ndarray, group: int, grads: dict, x_finite: bool) -> None:
+                          gcols: np.ndarray, group: int, grads: dict, fast: bool) -> None:
     """Gradients of offset and mask for one offset group of one chunk, written into ``grads``.
 
     The coordinate derivative uses every corner inside the image with no early exit (so it
@@ -317,9 +321,9 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
 
     With finite values the sums over channels can be taken first,
     ``s[q] = sum_c g[c] v[c, q]``, and the corner weights applied to four numbers instead
-    of ``4 C``: the fast order, used whenever the input, the column gradient and the
-    mask are finite.  Otherwise ``0 * Inf`` lands on different terms in the two orders,
-    so the exact order runs, and NaN and Inf reach what they reach in torchvision.
+    of ``4 C``: the ``fast`` order, which the caller asks for when the input, the column
+    gradient and the mask are finite.  Otherwise ``0 * Inf`` lands on different terms in
+    the two orders, so torchvision's order runs, and NaN and Inf reach what they reach there.
     """
     k = geom.kernel_points
     n, c = gcols.shape
@@ -330,7 +334,6 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
     pairs = np.lib.stride_tricks.as_strided(xg, shape=(xg.shape[0] - 1, 2 * c), strides=(xg.strides[0], xg.itemsize),
                                             writeable=False)
     pair_steps = np.array([0, numpy_grid.padded_grid(geom)[1]], dtype=plan.coordinate_corner.dtype)
-    fast = x_finite and np.isfinite(gcols).all() and (plan.mask is None or np.isfinite(plan.mask).all())
     sums = _corner_sums if fast else _torchvision_order_sums
     d_py, d_px, d_mask = (np.empty(n, dtype=gcols.dtype) for _ in range(3))
     # Blocks small enough that the gathered corners are still in cache when they are reduced.

@@ -123,17 +123,16 @@ class SamplingPlan:
                 out[infinite] = self.mask[infinite, None] * value
         return out
 
-    def scatter_add(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def scatter_add(self, values: np.ndarray, out: np.ndarray, near_only: bool) -> np.ndarray:
         """``out += S.T @ values``: the samples' gradients summed into the input pixels they read.
 
         torchvision adds a sample's gradient only to the corners within distance 1 of its
         position: the far corners of an integer coordinate, whose weight is 0, get nothing.
-        Adding ``0 * g`` there changes nothing while ``g`` and the mask are finite; where one
-        of them is not (``0 * Inf = NaN``), those entries are sent to a border pixel instead.
+        Adding ``0 * g`` there changes nothing while ``values`` and the mask are finite; where
+        one of them is not (``0 * Inf = NaN``), the caller asks for ``near_only`` and those
+        entries are sent to a border pixel instead.
         """
-        index = self.index
-        if not (np.isfinite(values).all() and (self.mask is None or np.isfinite(self.mask).all())):
-            index = self._near_corners_only()
+        index = self._near_corners_only() if near_only else self.index
         rows, channels = values.shape
         if _csc_matvecs is None:
             operator = scipy.sparse.csr_array((self.weights.ravel(), index.ravel(), _indptr(rows, index.dtype)),
@@ -144,6 +143,10 @@ class SamplingPlan:
         _csc_matvecs(self.input_rows, rows, channels, _indptr(rows, index.dtype), index.ravel(),
                      self.weights.ravel(), _flat(values, "values"), _flat(out, "out"))
         return out
+
+    def mask_is_finite(self) -> bool:
+        """Whether every mask value is finite (True without a mask)."""
+        return self.mask is None or bool(np.isfinite(self.mask).all())
 
     def _near_corners_only(self) -> np.ndarray:
         """:attr:`index` with the corners farther than 1 from the position sent to a border pixel.
