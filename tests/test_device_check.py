@@ -92,7 +92,7 @@ def test_junit_counts(tmp_path):
 
 def _gpu_record() -> dict:
     """A record as a GPU run leaves it: every step with a result."""
-    instances = [{"stage": "im2col", "dtype": "float32", "index_bits": 32, "seconds": 1.25}]
+    instances = [{"stage": "im2col", "instance": "deform_im2col_kernel<float, int>", "seconds": 1.25}]
     timing = dict(q1_ms=1.9, q3_ms=2.1, runs=20)
     speed = {"settings": {"gpu": "NVIDIA H200", "timer": "CUDA events", "repeats": 20, "warmup": 3},
              "cases": [{"shape": "b8_c64_64x64", "dtype": "float32", "task": "forward", "tf32": False, "results": {
@@ -132,7 +132,7 @@ def _gpu_record() -> dict:
 def test_the_record_page_shows_a_gpu_run():
     page = render(_gpu_record())
     assert "- GPU: NVIDIA H200" in page and "No CUDA device" not in page
-    assert "| im2col | float32 | 32 | 1.250 | 0.062 |" in page
+    assert "| im2col | `deform_im2col_kernel<float, int>` | 1.250 | 0.062 |" in page
     assert "**gpu**: 2 passed, 1 failed" in page and "- FAILED tests.test_gpu::test_b: boom" in page
     assert "| memcheck | 0 | 0 | yes |" in page
     # deformcp 2.0 ms, torchvision 4.0 ms: ratio 0.50; peaks 3 MiB (pool), 5 + 0 and 3 + 0 MiB.

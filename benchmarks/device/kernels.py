@@ -1,11 +1,13 @@
 """How long each kernel instance takes to become launchable: ``python -m benchmarks.device.kernels OUT.json``.
 
-Every instance (3 stages x 4 dtypes x 2 index widths) is fetched with
-``deformcp.backends.cuda_kernels.get_kernel`` on device 0, timed one by one, in a fresh
-process (so the in-process memo is empty).  Whether that compiles with NVRTC or loads
-the binary from CuPy's disk cache depends on ``CUPY_CACHE_DIR``: ``device_check`` runs
-this twice over one fresh cache folder, the first time compiling everything, the second
-loading from the cache.  The first instance of a process also pays for loading NVRTC.
+Every instance of every stage (``cuda_kernels.name_expressions``) is made ready as the
+loader makes it, one ``cupy.RawModule`` per instance from ``cuda_kernels.kernel_source``
+with ``cuda_kernels.COMPILE_OPTIONS``, on device 0, timed one by one.  Whether that
+compiles with NVRTC or loads the binary from CuPy's disk cache depends on
+``CUPY_CACHE_DIR``: ``device_check`` runs this twice, in two processes, over one fresh
+cache folder, the first time compiling everything, the second loading from the cache
+(which then serves the later steps too).  The first instance of a process also pays for
+loading NVRTC.
 """
 
 from __future__ import annotations
@@ -21,20 +23,21 @@ __all__ = ["main", "instance_times"]
 
 
 def instance_times() -> List[dict]:
-    """``[{stage, dtype, index_bits, seconds}]``, one per instance, in the order fetched."""
+    """``[{stage, instance, seconds}]``, one per template instance, in the order made ready."""
     import cupy
 
     from deformcp.backends import cuda_kernels
 
-    device = cupy.cuda.Device().id
     rows = []
-    for stage in cuda_kernels.STAGES:
-        for dtype in cuda_kernels.SCALAR_TYPES:
-            for bits in cuda_kernels.INDEX_TYPES:
+    with cupy.cuda.Device(0):
+        for stage in cuda_kernels.STAGES:
+            source = cuda_kernels.kernel_source(stage)
+            for expression in cuda_kernels.name_expressions(stage):
                 start = time.perf_counter()
-                cuda_kernels.get_kernel(device, stage, dtype, bits)
-                rows.append({"stage": stage, "dtype": dtype, "index_bits": bits,
-                             "seconds": time.perf_counter() - start})
+                module = cupy.RawModule(code=source, options=cuda_kernels.COMPILE_OPTIONS,
+                                        name_expressions=(expression,))
+                module.get_function(expression)  # compiles, or loads from the disk cache
+                rows.append({"stage": stage, "instance": expression, "seconds": time.perf_counter() - start})
     return rows
 
 

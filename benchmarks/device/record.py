@@ -78,12 +78,12 @@ def _kernels(record: dict) -> List[str]:
     lines += _why_nothing(step)
     if not step or not step.get("result"):
         return lines
-    phases = {phase: {(r["stage"], r["dtype"], r["index_bits"]): r["seconds"] for r in data["instances"]}
+    phases = {phase: {(r["stage"], r["instance"]): r["seconds"] for r in data["instances"]}
               for phase, data in step["result"].items() if data}
     keys = next(iter(phases.values()), {}).keys()
-    rows = [[stage, dtype, bits, *(f"{phases[p].get((stage, dtype, bits), float('nan')):.3f}" for p in phases)]
-            for stage, dtype, bits in keys]
-    lines += _table(["stage", "dtype", "index bits", *(f"{p} s" for p in phases)], rows)
+    rows = [[stage, f"`{instance}`", *(f"{phases[p].get((stage, instance), float('nan')):.3f}" for p in phases)]
+            for stage, instance in keys]
+    lines += _table(["stage", "instance", *(f"{p} s" for p in phases)], rows)
     totals = ", ".join(f"{p}: {data['total_s']:.1f} s" for p, data in step["result"].items() if data)
     return lines + [f"Totals: {totals}. The first instance of each process also loads NVRTC.", ""]
 
@@ -138,7 +138,8 @@ def _speed_run(name: str, run: dict) -> List[str]:
     settings = run.get("settings", {})
     lines = [f"### {name}", "", f"{settings.get('gpu', settings.get('device'))}; timer: {settings.get('timer')}; "
              f"median (quartiles) of {settings.get('repeats')} runs after {settings.get('warmup')} warm-up; "
-             f"CUPY_TF32={settings.get('CUPY_TF32')}, torch allow_tf32={settings.get('torch_allow_tf32')}", ""]
+             f"CUPY_TF32={settings.get('CUPY_TF32')}, torch allow_tf32={settings.get('torch_allow_tf32')}, "
+             f"deformcp takes allow_tf32: {settings.get('deformcp_allow_tf32_keyword')}", ""]
     header = ["shape", "dtype", "task", *(f"{i} ms" for i in IMPLEMENTATIONS), "deformcp ÷ torchvision",
               *(f"{i} MiB" for i in IMPLEMENTATIONS), "largest error vs deformcp"]
     rows, skipped = [], {}

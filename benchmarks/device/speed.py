@@ -33,7 +33,9 @@ that a fast wrong answer shows.  A case that cannot run (torchvision has no bflo
 kernel, a library is missing) is recorded with the exception, never stops the others.
 
 float32 runs with TF32 off (CuPy's default; PyTorch's ``allow_tf32`` set False); with
-``--tf32`` only float32 runs, with ``CUPY_TF32=1`` and PyTorch's ``allow_tf32`` on.
+``--tf32`` only float32 runs, with ``CUPY_TF32=1`` (CuPy's switch for its own products),
+PyTorch's ``allow_tf32`` on, and ``allow_tf32=True`` passed to deformcp's functions where
+they take it (:func:`tf32_keywords`; the settings record which held).
 ``--device cpu`` runs the same harness on the CPU, timed by the wall clock, with no
 memory figures: a check that this code runs, not figures to quote.  The JSON file is
 rewritten after every case, so a run stopped by its time box keeps what it measured.
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -55,7 +58,7 @@ import numpy as np
 
 from ..shapes import SHAPES, BenchShape, Inputs, dtype_named, make_inputs
 
-__all__ = ["GPU_SHAPES", "IMPLEMENTATIONS", "SMOKE_SHAPE", "main"]
+__all__ = ["GPU_SHAPES", "IMPLEMENTATIONS", "SMOKE_SHAPE", "main", "tf32_keywords"]
 
 GPU_SHAPES = (SHAPES["b8_c64_64x64"], BenchShape("b8_c256_64x64", 8, 256, 64, 64, 256),
               BenchShape("b2_c256_100x167", 2, 256, 100, 167, 256))
@@ -154,7 +157,13 @@ def _wall_clock(call: Callable[[], tuple], finish: Callable[[tuple], None]) -> C
     return timed
 
 
-def _prepare_deformcp(device: _Device, task: str, shape: BenchShape, host: Inputs, dtype_name: str) -> _Prepared:
+def tf32_keywords(function: Callable, tf32: bool) -> dict:
+    """``{"allow_tf32": True}`` when TF32 is asked for and ``function`` takes that keyword, else ``{}``."""
+    return {"allow_tf32": True} if tf32 and "allow_tf32" in inspect.signature(function).parameters else {}
+
+
+def _prepare_deformcp(device: _Device, task: str, shape: BenchShape, host: Inputs, dtype_name: str,
+                      tf32: bool = False) -> _Prepared:
     import deformcp
 
     if device.gpu:
@@ -168,11 +177,14 @@ def _prepare_deformcp(device: _Device, task: str, shape: BenchShape, host: Input
     args = [to_device(a) for a in rounded.conv_args]
     grad_out = to_device(rounded.grad_out)
 
+    forward = {**shape.kwargs, **tf32_keywords(deformcp.deform_conv2d, tf32)}
+    backward = {**shape.kwargs, **tf32_keywords(deformcp.deform_conv2d_backward, tf32)}
+
     def call() -> tuple:
-        out = deformcp.deform_conv2d(*args, **shape.kwargs)
+        out = deformcp.deform_conv2d(*args, **forward)
         if task == "forward":
             return (out,)
-        return (out, *deformcp.deform_conv2d_backward(grad_out, *args, **shape.kwargs))
+        return (out, *deformcp.deform_conv2d_backward(grad_out, *args, **backward))
 
     return _Prepared(call, finish, device.cupy_timer(call), device.memory(call, finish, torch_peak=False), to_numpy)
 
@@ -274,7 +286,8 @@ def _run_case(device: _Device, shape: BenchShape, dtype_name: str, task: str, ho
     reference = None
     for name in args.implementations:
         try:
-            prepared = _PREPARE[name](device, task, shape, host, dtype_name)
+            extra = {"tf32": args.tf32} if name == "deformcp" else {}
+            prepared = _PREPARE[name](device, task, shape, host, dtype_name, **extra)
             outputs = prepared.call()  # the first call compiles; its output is checked
             prepared.finish(outputs)
             forward = prepared.to_numpy(outputs[0])
@@ -298,9 +311,12 @@ def _run_case(device: _Device, shape: BenchShape, dtype_name: str, task: str, ho
 
 
 def _settings(device: _Device, args) -> dict:
+    import deformcp
+
     settings = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "device": "gpu" if device.gpu else "cpu", "tf32": args.tf32, "warmup": args.warmup,
                 "repeats": args.repeats, "seed": args.seed, "CUPY_TF32": os.environ.get("CUPY_TF32"),
+                "deformcp_allow_tf32_keyword": bool(tf32_keywords(deformcp.deform_conv2d, True)),
                 "timer": "CUDA events (deformcp.jax: wall clock)" if device.gpu else "wall clock"}
     try:
         import torch
