@@ -253,14 +253,17 @@ def test_channels_last_input_gives_channels_last_output(rng):
 # ------------------------------------------------------------------------------------- autocast
 
 
+# Both autocast dtypes, CPU and CUDA: (torch dtype, the NumPy dtype that rounds as it does, tolerance name).
+AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, ml_dtypes.bfloat16, "bfloat16", id="bfloat16"),
+                   pytest.param(torch.float16, np.float16, "float16", id="float16")]
+
+
 def _rounded(problem, numpy_dtype):
     """The problem's inputs as autocast hands them to the operator: rounded to its dtype."""
     return problem.astype(numpy_dtype).astype(np.float64)
 
 
-@pytest.mark.parametrize("autocast_dtype, numpy_dtype, name", [
-    (torch.bfloat16, ml_dtypes.bfloat16, "bfloat16"), (torch.float16, np.float16, "float16")],
-    ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("autocast_dtype, numpy_dtype, name", AUTOCAST_DTYPES)
 def test_autocast_cpu_casts_to_the_autocast_dtype(autocast_dtype, numpy_dtype, name, rng):
     spec = SPECS["groups2_offset_groups2"]
     problem = make_problem(spec, rng)
@@ -395,9 +398,7 @@ def test_cuda_opcheck_and_gradients(rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(CUDA_REASON is not None, reason=str(CUDA_REASON))
-@pytest.mark.parametrize("autocast_dtype, numpy_dtype, name", [
-    (torch.float16, np.float16, "float16"), (torch.bfloat16, ml_dtypes.bfloat16, "bfloat16")],
-    ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("autocast_dtype, numpy_dtype, name", AUTOCAST_DTYPES)
 def test_cuda_autocast(autocast_dtype, numpy_dtype, name, rng):
     spec = SPECS["groups2_offset_groups2"]
     problem = make_problem(spec, rng)

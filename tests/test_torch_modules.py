@@ -131,9 +131,9 @@ def _mmcv_expected(x, state, stride, padding, dilation, modulated, predictor="co
 
 def _pack_state(generator, c, o, kernel, groups, offset_groups, modulated, bias, predictor="conv_offset"):
     kh, kw = kernel
-    shapes = {"weight": (o, c // groups, kh, kw), f"{predictor}.weight": ((3 if modulated else 2) * offset_groups * kh * kw,
-                                                                          c, kh, kw),
-              f"{predictor}.bias": ((3 if modulated else 2) * offset_groups * kh * kw,)}
+    predicted = (3 if modulated else 2) * offset_groups * kh * kw
+    shapes = {"weight": (o, c // groups, kh, kw), f"{predictor}.weight": (predicted, c, kh, kw),
+              f"{predictor}.bias": (predicted,)}
     if bias:
         shapes["bias"] = (o,)
     # A predictor of moderate weights: offsets of a pixel or two, masks spread over (0, 1).
@@ -337,7 +337,8 @@ def test_pack_under_cpu_autocast_trains():
     rounded = [t.detach().to(torch.bfloat16) for t in (x, offset, mask, layer.weight, layer.bias)]
     expected = _oracle(*rounded, (1, 1), (1, 1), (1, 1))
     assert_within_tolerance(out.float().detach().numpy(), expected, "bfloat16", "forward")
-    grad_out = (2 * out.detach().float() / out.numel()).to(torch.bfloat16)  # d(mean of squares), rounded as autograd does
+    # d(mean of squares) / d(out), rounded to bfloat16 as autograd rounds it
+    grad_out = (2 * out.detach().float() / out.numel()).to(torch.bfloat16)
     array = lambda t: t.double().numpy()  # noqa: E731
     expected = testing.loop_deform_conv2d_backward(array(grad_out), *(array(t) for t in rounded), padding=1)
     assert_within_tolerance(layer.weight.grad.numpy(), expected["weight"], "bfloat16", "grad_weight")
