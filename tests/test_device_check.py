@@ -38,8 +38,9 @@ def run(tmp_path, monkeypatch):
 def test_a_step_past_its_box_is_stopped_with_its_children_and_recorded(run, tmp_path):
     with run.step("first", "a step that passes") as entry:
         entry["result"] = {"value": 1}
-    child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
-             " print(p.pid, flush=True); time.sleep(60)")
+    child = ("import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print(p.pid, flush=True); time.sleep(60)")
     start = time.monotonic()
     with run.step("second", "a step that hangs"):
         finished = run.python("-c", child, box="short")

@@ -52,7 +52,8 @@ def _tool(command: List[str], keep: Optional[str] = None) -> dict:
     """A CUDA tool's path and what it says about itself (the lines containing ``keep``, or all)."""
     path = find_cuda_tool(command[0])
     if path is None:
-        return {"path": None, "reason": f"{command[0]} is neither on the PATH nor in CUDA_HOME/bin or /usr/local/cuda/bin"}
+        return {"path": None,
+                "reason": f"{command[0]} is neither on the PATH nor in CUDA_HOME/bin or /usr/local/cuda/bin"}
     try:
         run = subprocess.run([path, *command[1:]], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -83,7 +84,8 @@ def _cupy() -> dict:
     free, total = cupy.cuda.Device(0).mem_info
     nvrtc = cupy.cuda.nvrtc.getVersion()
     found.update(
-        devices=count, name=properties["name"].decode(), compute_capability=f"{properties['major']}.{properties['minor']}",
+        devices=count, name=properties["name"].decode(),
+        compute_capability=f"{properties['major']}.{properties['minor']}",
         multiprocessors=int(properties["multiProcessorCount"]), memory_bytes=int(total), free_bytes=int(free),
         driver=cupy.cuda.runtime.driverGetVersion(), runtime=cupy.cuda.runtime.runtimeGetVersion(),
         nvrtc=f"{nvrtc[0]}.{nvrtc[1]}", cuda_path=cupy.cuda.get_cuda_path(),

@@ -6,7 +6,7 @@ still gives a page: every section says what its step found, or why it has nothin
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["render"]
 
@@ -20,17 +20,18 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return lines + [""]
 
 
-def _status(record: dict, name: str) -> Optional[dict]:
-    """The step's entry, or None; the lines saying why it has no result are added by the caller."""
-    return record["steps"].get(name)
+def _section(record: dict, name: str, heading: str) -> Tuple[List[str], Optional[dict]]:
+    """A section's first lines (its heading, and why its step has no result if so) and the step's entry.
 
-
-def _why_nothing(step: Optional[dict]) -> List[str]:
+    The entry is ``None`` where there is nothing more to show.
+    """
+    step = record["steps"].get(name)
+    lines = [heading, ""]
     if step is None:
-        return ["Not run (not among the steps asked for, or the check stopped before it).", ""]
+        return lines + ["Not run (not among the steps asked for, or the check stopped before it).", ""], None
     if step.get("result") is None:
-        return [f"{step['status']}: {step.get('reason', 'no result')}".replace("\n", "  \n"), ""]
-    return []
+        return lines + [f"{step['status']}: {step.get('reason', 'no result')}".replace("\n", "  \n"), ""], None
+    return lines, step
 
 
 def _summary(record: dict) -> List[str]:
@@ -51,15 +52,14 @@ def _summary(record: dict) -> List[str]:
         lines.append(f"- **No CUDA device found**: {record['no_cuda_reason']}")
     lines.append("")
     rows = [[step["title"], f"**{step['status']}**", step.get("seconds", ""),
-             (step.get("reason") or step.get("note") or "").splitlines()[0][:160] if (step.get("reason") or step.get("note")) else ""]
+             "".join((step.get("reason") or step.get("note") or "").splitlines()[:1])[:160]]
             for step in record["steps"].values()]
     return lines + _table(["step", "status", "seconds", "note"], rows)
 
 
 def _environment(record: dict) -> List[str]:
-    step = _status(record, "environment")
-    lines = ["## 1. Environment", ""] + _why_nothing(step)
-    if not step or not step.get("result"):
+    lines, step = _section(record, "environment", "## 1. Environment")
+    if step is None:
         return lines
     result = step["result"]
     for library in ("torch", "jax"):
@@ -73,10 +73,9 @@ def _environment(record: dict) -> List[str]:
 
 
 def _kernels(record: dict) -> List[str]:
-    step = _status(record, "kernels")
-    lines = ["## 1. Kernel instances: compile time (fresh cache), then load time (warm cache)", ""]
-    lines += _why_nothing(step)
-    if not step or not step.get("result"):
+    lines, step = _section(record, "kernels",
+                           "## 1. Kernel instances: compile time (fresh cache), then load time (warm cache)")
+    if step is None:
         return lines
     phases = {phase: {(r["stage"], r["instance"]): r["seconds"] for r in data["instances"]}
               for phase, data in step["result"].items() if data}
@@ -89,9 +88,8 @@ def _kernels(record: dict) -> List[str]:
 
 
 def _tests(record: dict) -> List[str]:
-    step = _status(record, "tests")
-    lines = ["## 2. Tests", ""] + _why_nothing(step)
-    if not step or not step.get("result"):
+    lines, step = _section(record, "tests", "## 2. Tests")
+    if step is None:
         return lines
     result = step["result"]
     if "gpu_tests_collected" in result:
@@ -109,10 +107,9 @@ def _tests(record: dict) -> List[str]:
 
 
 def _sanitizer(record: dict) -> List[str]:
-    step = _status(record, "sanitizer")
-    lines = ["## 3. compute-sanitizer (small forward + backward, every dtype and index width)", ""]
-    lines += _why_nothing(step)
-    if not step or not step.get("result"):
+    lines, step = _section(record, "sanitizer",
+                           "## 3. compute-sanitizer (small forward + backward, every dtype and index width)")
+    if step is None:
         return lines
     rows = [[tool, r["errors"], r["exit_status"], "yes" if r["workload_done"] else "no", "; ".join(r["summary"])]
             for tool, r in step["result"].items()]
@@ -162,9 +159,8 @@ def _speed_run(name: str, run: dict) -> List[str]:
 
 
 def _speed(record: dict) -> List[str]:
-    step = _status(record, "speed")
-    lines = ["## 4. Speed and memory", ""] + _why_nothing(step)
-    if not step or not step.get("result"):
+    lines, step = _section(record, "speed", "## 4. Speed and memory")
+    if step is None:
         return lines
     if step.get("note"):
         lines += [step["note"] + ".", ""]
@@ -179,10 +175,9 @@ def _speed(record: dict) -> List[str]:
 
 
 def _cpu(record: dict) -> List[str]:
-    step = _status(record, "cpu")
-    lines = ["## 5. CPU scaling (python -m benchmarks.compare, each run held to that many CPUs)", ""]
-    lines += _why_nothing(step)
-    if not step or not step.get("result"):
+    lines, step = _section(record, "cpu",
+                           "## 5. CPU scaling (python -m benchmarks.compare, each run held to that many CPUs)")
+    if step is None:
         return lines
     by_threads: Dict[str, dict] = {t: c for t, c in step["result"]["threads"].items() if c}
     columns = list(by_threads)

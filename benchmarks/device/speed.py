@@ -122,7 +122,8 @@ class _Device:
 
         return timed
 
-    def memory(self, call: Callable[[], tuple], finish: Callable[[tuple], None], torch_peak: bool) -> Callable[[], dict]:
+    def memory(self, call: Callable[[], tuple], finish: Callable[[tuple], None],
+               torch_peak: bool) -> Callable[[], dict]:
         """A function that runs ``call`` once and returns its memory figures (none on the CPU)."""
         def measure() -> dict:
             if not self.gpu:
