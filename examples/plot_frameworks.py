@@ -47,22 +47,23 @@ print(type(y_numpy).__name__, y_numpy.shape)
 # PyTorch: autograd
 # -----------------
 # :func:`deformcp.torch.deform_conv2d` records the operation for autograd; the gradients
-# land in ``.grad``. (Arguments by keyword here read the same under either argument order.)
+# land in ``.grad``. It takes ``torchvision.ops.deform_conv2d``'s arguments, in its order:
+# the mask comes last, as a keyword.
 xt, offset_t, mask_t, weight_t = (torch.from_numpy(a).requires_grad_() for a in (x, offset, mask, weight))
-y_torch = deformcp.torch.deform_conv2d(xt, offset_t, mask=mask_t, weight=weight_t, padding=(1, 1))
+y_torch = deformcp.torch.deform_conv2d(xt, offset_t, weight_t, padding=(1, 1), mask=mask_t)
 (y_torch * torch.from_numpy(grad_out)).sum().backward()
 print(type(y_torch).__name__, tuple(y_torch.shape))
 
 # %%
 # JAX: ``jit`` and ``grad``
 # -------------------------
-# :func:`deformcp.jax.deform_conv2d` is differentiable and traceable; ``jax.grad`` asks
-# only for the gradients it needs.
+# :func:`deformcp.jax.deform_conv2d` takes the arguments of :func:`deformcp.deform_conv2d`;
+# it is differentiable and traceable, and ``jax.grad`` asks only for the gradients it needs.
 
 
 @jax.jit
 def loss(x, offset, mask, weight):
-    y = deformcp.jax.deform_conv2d(x, offset, mask=mask, weight=weight, padding=1)
+    y = deformcp.jax.deform_conv2d(x, offset, mask, weight, padding=1)
     return jnp.sum(y * grad_out), y
 
 

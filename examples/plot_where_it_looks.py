@@ -144,8 +144,8 @@ optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 inner = slice(20, -20)  # the warp brings zeros in at the borders: compare the inside
 losses = []
 for step in range(80):
-    output = deformcp.torch.deform_conv2d(blurred_warped, model(), mask=None, weight=filter_bank,
-                                          padding=(PADDING, PADDING), dilation=(DILATION, DILATION))
+    output = deformcp.torch.deform_conv2d(blurred_warped, model(), filter_bank, padding=(PADDING, PADDING),
+                                          dilation=(DILATION, DILATION))
     loss = F.mse_loss(output[..., inner, inner], target[..., inner, inner])
     optimizer.zero_grad()
     loss.backward()
