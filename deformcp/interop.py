@@ -178,6 +178,11 @@ def cupy_bfloat16_missing() -> Optional[str]:
     CuPy has bfloat16 (as ``ml_dtypes.bfloat16``) from version 14, and turns it on only
     when NumPy is 2.1.2 or newer (older NumPy crashes on its bfloat16 loops) and
     ml_dtypes can be imported.  Imports CuPy.
+
+    Returns
+    -------
+    str or None
+        What is missing, e.g. ``"CuPy 13.6.0 (bfloat16 needs CuPy >= 14)"``; ``None`` when nothing is.
     """
     import cupy
 
@@ -256,6 +261,11 @@ def allocator_from_torch():
     so memory freed by one library is reused by the other instead of being held twice.
     Use it for a scope with ``cupy.cuda.using_allocator(allocator_from_torch())``.
     Imports CuPy and PyTorch.
+
+    Returns
+    -------
+    callable
+        ``malloc(size) -> cupy.cuda.MemoryPointer``, the form CuPy's allocators take.
     """
     import cupy
     import torch
