@@ -346,7 +346,7 @@ def test_torch_cuda_round_trip_on_a_side_stream(problem, dtype, monkeypatch):
     seen = []
     original = cupy_backend.forward
     monkeypatch.setattr(cupy_backend, "forward",
-                        lambda *a: (seen.append(cupy.cuda.get_current_stream().ptr), original(*a))[1])
+                        lambda *a, **k: (seen.append(cupy.cuda.get_current_stream().ptr), original(*a, **k))[1])
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         # Produced on the side stream, consumed with no synchronisation: the order must come from the protocol.
