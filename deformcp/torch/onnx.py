@@ -143,11 +143,8 @@ def onnx_translation_table() -> dict:
     Returns
     -------
     dict
-        ``{torch.ops.deformcp.deform_conv2d.default: <translation>}``.
-
-    Examples
-    --------
-    >>> program = torch.export.export(model, (x, offset))                    # doctest: +SKIP
-    >>> torch.onnx.export(program, custom_translation_table=deformcp.torch.onnx_translation_table())  # doctest: +SKIP
+        ``{torch.ops.deformcp.deform_conv2d.default: <translation>}``, to pass as
+        ``torch.onnx.export(program, custom_translation_table=onnx_translation_table())``
+        (docs/torch.md and docs/migration.md show it run).
     """
     return {torch.ops.deformcp.deform_conv2d.default: _translate}
