@@ -1,7 +1,7 @@
 """deformcp: deformable convolution (DCNv1 and DCNv2) for NumPy, CuPy, PyTorch and JAX.
 
-Public API
-----------
+The public API:
+
 deform_conv2d
     The forward pass.
 deform_conv2d_backward
@@ -12,6 +12,10 @@ get_workspace_limit, set_workspace_limit, workspace_limit
     The scratch-space limit every backend tiles its work under.
 deformcp.torch, deformcp.jax
     Framework adapters with autograd (import them explicitly); see docs/torch.md, docs/jax.md.
+deformcp.testing
+    The float64 loop oracle, ``relative_error`` and the per-dtype tolerances, after ``numpy.testing``.
+deformcp.plot
+    ``sampling_locations``: where a deformable convolution samples, drawn with matplotlib.
 
 Inputs may be NumPy or CuPy arrays, or any DLPack array (PyTorch, JAX, ...);
 results come back as ``x``'s array type on ``x``'s device (docs/interop.md).

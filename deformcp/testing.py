@@ -21,9 +21,9 @@ import numpy as np
 __all__ = ["TOLERANCE", "assert_within_tolerance", "loop_deform_conv2d", "loop_deform_conv2d_backward",
            "loop_im2col", "relative_error"]
 
-# The relative error (:func:`relative_error`) each dtype's results may have against a
-# float64 computation of the same inputs.  The half types are computed in float32 and
-# rounded once, so their bound is a few units of their last place.
+#: The relative error (:func:`relative_error`) each dtype's results may have against a
+#: float64 computation of the same inputs.  The half types are computed in float32 and
+#: rounded once, so their bound is a few units of their last place.
 TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
 
 
