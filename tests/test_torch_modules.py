@@ -272,6 +272,30 @@ def test_bad_configuration_is_named(make, message):
         make()
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: dt.DeformConv2d(4.0, 6, 3), "in_channels must be a positive int, got float 4.0"),
+    (lambda: dt.DeformConv2d(4, 6, 3, groups=True), "groups must be a positive int, got bool"),
+    (lambda: dt.DeformConv2dPack(4, 6, 3, offset_groups="2"), "offset_groups must be a positive int, got str"),
+])
+def test_non_integer_counts_are_a_type_error(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("cls", [dt.DeformConv2d, dt.DeformConv2dPack])
+def test_numpy_integer_counts_are_accepted(cls, rng):
+    # The plain API accepts any integer (operator.index); the layers take the same.
+    layer = cls(np.int64(4), np.int32(6), np.int64(3), padding=np.int64(1), groups=np.int64(2))
+    assert (layer.in_channels, layer.out_channels, layer.groups) == (4, 6, 2)
+    assert all(type(v) is int for v in (layer.in_channels, layer.out_channels, layer.groups))
+    reference = cls(4, 6, 3, padding=1, groups=2)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.from_numpy(rng.standard_normal((1, 4, 5, 5)).astype(np.float32))
+    offset = torch.from_numpy(rng.standard_normal((1, 18, 5, 5)).astype(np.float32))
+    args = (x,) if cls is dt.DeformConv2dPack else (x, offset)
+    torch.testing.assert_close(layer(*args), reference(*args), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- device and dtype
 
 

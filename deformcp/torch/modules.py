@@ -7,6 +7,7 @@ script with ``torch.jit.script``, and take ``device=`` and ``dtype=`` as ``nn.Co
 """
 
 import math
+import operator
 from typing import List, Optional, Tuple
 
 import torch
@@ -19,10 +20,23 @@ from .ops import call_operator, four_sides
 __all__ = ["DeformConv2d", "DeformConv2dPack"]
 
 
-def _check_counts(**counts: int) -> None:
+def _counts(**counts) -> Tuple[int, ...]:
+    """The channel and group counts as Python ints: any integer (``np.int64`` too), positive.
+
+    Raises TypeError for a non-integer (a float, a bool) and ValueError below 1, naming it.
+    """
+    values = []
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be a positive int, got bool {value!r}")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+        values.append(value)
+    return tuple(values)
 
 
 def _padding_attribute(padding: Padding) -> Tuple[int, ...]:
@@ -73,7 +87,8 @@ class DeformConv2d(nn.Module):
                  padding: Padding = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        _check_counts(in_channels=in_channels, out_channels=out_channels, groups=groups)
+        in_channels, out_channels, groups = _counts(in_channels=in_channels, out_channels=out_channels,
+                                                    groups=groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) "
                              f"and out_channels ({out_channels})")
@@ -175,7 +190,8 @@ class DeformConv2dPack(DeformConv2d):
                  bias: bool = True, modulated: bool = True, mask_scale: float = 1.0, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          device=device, dtype=dtype)
-        _check_counts(offset_groups=offset_groups)
+        (offset_groups,) = _counts(offset_groups=offset_groups)
+        in_channels = self.in_channels
         if in_channels % offset_groups:
             raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
         if isinstance(mask_scale, bool) or not isinstance(mask_scale, (int, float)) or not (
