@@ -1,4 +1,5 @@
-// Device helpers shared by the three deformable-convolution stages.
+// Device code shared by the deformable-convolution kernels (deform_sample.cu,
+// deform_sample_backward.cu, deform_gather.cu).
 //
 // deformcp/backends/cuda_kernels.py pastes this file in place of the line
 // that includes it in each .cu file before compiling that file, so
@@ -7,16 +8,68 @@
 // docs/semantics.md; deformcp/backends/numpy_backend.py is the oracle.
 //
 // Conventions
-//   scalar_t   storage type of the inputs: __half, __nv_bfloat16, float, double
+//   scalar_t   storage type of the inputs and of the column matrices: __half,
+//              __nv_bfloat16, float, double (the products run in the input's type,
+//              on tensor cores for the half types, accumulating in float32)
 //   acc_t      arithmetic type: float for the two half types, scalar_t otherwise
 //   index_t    int (32-bit) unless an element count needs long long (64-bit)
-// The column matrix is always held in acc_t, so a half-precision result is
-// rounded once, at the very end, as on the CPU.
+//   VEC        channels a thread loads and stores at once (1, or a 16-byte vector)
+//
+// The input is read channels-last (NHWC), so the channels of one pixel are contiguous and
+// a thread loads VEC of them at once (8 half values, 4 float, 2 double; VEC = 1 where the
+// channel counts or the alignment do not allow it).  The work is enumerated by *samples*:
+// (image of the tile, output pixel of the tile, offset group, kernel point), kernel point
+// fastest.  In the sampling kernels a block takes `per_round` consecutive samples at a
+// time; one thread per sample computes its geometry (position, mask, the four corners and
+// their weights) once into shared memory, and `lanes` threads per sample then share it over
+// the offset group's channels, lane l taking channel vectors l, l + lanes, ...  (DCNv4's
+// pattern: a thread handles several channels of a group with vector loads.)
 #ifndef DEFORMCP_DEFORM_COMMON_CUH
 #define DEFORMCP_DEFORM_COMMON_CUH
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+
+// Every cooperative kernel runs 256 threads a block (dcn::kBlockThreads) and asks ptxas for
+// registers enough to keep 3 blocks on a multiprocessor (at most 85 a thread); every instance
+// fits without spilling (tests/test_kernels_nvrtc.py reads ptxas's report).
+#define DCN_LAUNCH_BOUNDS __launch_bounds__(256, 3)
+
+#ifndef DCN_SHARED
+// A block's shared variable; the CPU emulation defines its own (one buffer per block).
+#define DCN_SHARED(type, name) __shared__ type name
+#endif
+
+// The geometry and column layout every cooperative kernel receives, as scalar
+// arguments in this order (cupy_backend._Launch.sampling_args builds them).  A tile
+// covers images [batch_start, batch_start + tile_batch) and output rows
+// [row_start, row_start + tile_rows).  Column element (image of the tile, tile pixel p,
+// input channel c, kernel point k) is at
+//   image * col_image_stride + p * col_pixel_stride + (c / group_channels) * col_group_stride
+//   + k * col_point_stride + (c % group_channels) * col_channel_stride,
+// group_channels being the channels of a convolution group: the products' layout
+// (pixel-major rows, kernel-point-major within a group) and unfold's (c*K + k, p) are
+// both of this form.
+#define DCN_SAMPLING_PARAMS(index_t)                                                             \
+    index_t channels, index_t height, index_t width, index_t kernel_h, index_t kernel_w,          \
+    index_t stride_h, index_t stride_w, index_t pad_top, index_t pad_left, index_t dilation_h,   \
+    index_t dilation_w, index_t offset_groups, index_t out_h, index_t out_w, index_t batch_start, \
+    index_t tile_batch, index_t row_start, index_t tile_rows, index_t group_channels,             \
+    index_t col_image_stride, index_t col_pixel_stride, index_t col_group_stride,                \
+    index_t col_point_stride, index_t col_channel_stride
+
+#define DCN_SAMPLING(index_t)                                                                       \
+    dcn::Sampling<index_t>{channels, height, width, kernel_h, kernel_w, stride_h, stride_w,         \
+                           pad_top, pad_left, dilation_h, dilation_w, offset_groups, out_h, out_w,  \
+                           batch_start, tile_batch, row_start, tile_rows, group_channels,          \
+                           col_image_stride, col_pixel_stride, col_group_stride, col_point_stride, \
+                           col_channel_stride}
+
+// Grid-stride loop over [0, n); the launcher guarantees that i + stride cannot
+// overflow index_t (it picks the 64-bit instance otherwise).
+#define DCN_GRID_STRIDE_LOOP(index_t, i, n)                                                       \
+    for (index_t i = index_t(blockIdx.x) * index_t(blockDim.x) + index_t(threadIdx.x); i < (n); \
+         i += index_t(blockDim.x) * index_t(gridDim.x))
 
 namespace dcn {
 
@@ -44,72 +97,45 @@ __device__ __forceinline__ void atomic_accumulate(acc_t<scalar_t>* address, acc_
     atomicAdd(address, value);
 }
 
-// The geometry every kernel receives, as individual scalar arguments in this
-// order (cupy_backend._Launch.geometry_args builds them in the same order).  They are
-// plain scalars rather than a struct so that CuPy passes each with its exact
-// C type.  A tile covers images [batch_start, batch_start + tile_batch) and
-// output rows [row_start, row_start + tile_rows); the column matrix of a tile
-// holds element (image b, row r = c*K + k, tile pixel p) at
-// b * col_batch_stride + r * col_row_stride + p.
-#define DCN_GEOMETRY_PARAMS(index_t)                                                        \
-    index_t channels, index_t height, index_t width, index_t kernel_h, index_t kernel_w,    \
-    index_t stride_h, index_t stride_w, index_t pad_top, index_t pad_left,                  \
-    index_t dilation_h, index_t dilation_w, index_t offset_groups, index_t out_h,           \
-    index_t out_w, index_t batch_start, index_t tile_batch, index_t row_start,              \
-    index_t tile_rows, index_t col_batch_stride, index_t col_row_stride
 
-#define DCN_GEOMETRY(index_t)                                                               \
-    dcn::Geometry<index_t>{channels, height, width, kernel_h, kernel_w, stride_h, stride_w, \
-                           pad_top, pad_left, dilation_h, dilation_w, offset_groups, out_h, \
-                           out_w, batch_start, tile_batch, row_start, tile_rows,            \
-                           col_batch_stride, col_row_stride}
+
+constexpr int kBlockThreads = 256;  // DCN_LAUNCH_BOUNDS says the same
+
+// VEC consecutive values, loaded and stored as one aligned access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+    T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+    return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
 
 template <typename index_t>
-struct Geometry {
+struct Sampling {
     index_t channels, height, width, kernel_h, kernel_w;
     index_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
     index_t offset_groups, out_h, out_w;
-    index_t batch_start, tile_batch, row_start, tile_rows;
-    index_t col_batch_stride, col_row_stride;
+    index_t batch_start, tile_batch, row_start, tile_rows, group_channels;
+    index_t col_image_stride, col_pixel_stride, col_group_stride, col_point_stride, col_channel_stride;
 
     __device__ __forceinline__ index_t kernel_points() const { return kernel_h * kernel_w; }
     __device__ __forceinline__ index_t out_pixels() const { return out_h * out_w; }
     __device__ __forceinline__ index_t tile_pixels() const { return tile_rows * out_w; }
     __device__ __forceinline__ index_t channels_per_offset_group() const { return channels / offset_groups; }
-    // Index of column-matrix element (image of the tile, row c*K + k, tile pixel).
-    __device__ __forceinline__ index_t column_at(index_t image, index_t row, index_t pixel) const {
-        return image * col_batch_stride + row * col_row_stride + pixel;
+    __device__ __forceinline__ index_t samples() const {
+        return tile_batch * tile_pixels() * offset_groups * kernel_points();
+    }
+    // Column index of channel c, relative to the sample's column_at (its channel 0).
+    __device__ __forceinline__ index_t column_channel(index_t c) const {
+        return (c / group_channels) * col_group_stride + (c % group_channels) * col_channel_stride;
+    }
+    // Index of (image b, pixel, channel 0) in the NHWC input.
+    __device__ __forceinline__ index_t input_at(index_t b, index_t pixel) const {
+        return (b * height * width + pixel) * channels;
     }
 };
-
-// Where work item `idx` of a tile is, the items being enumerated as
-// (image, outer, k, tile pixel): `outer` runs over `outer_count` channels or
-// offset groups, k over `points` kernel points (1 for a thread that does them all).
-template <typename index_t>
-struct TileItem {
-    index_t image, b, outer, k, p, oy, ox;
-
-    __device__ __forceinline__ TileItem(const Geometry<index_t>& g, index_t idx, index_t outer_count,
-                                        index_t points) {
-        const index_t pixels = g.tile_pixels();
-        p = idx % pixels;
-        idx /= pixels;
-        k = idx % points;
-        idx /= points;
-        outer = idx % outer_count;
-        image = idx / outer_count;
-        b = g.batch_start + image;
-        oy = g.row_start + p / g.out_w;
-        ox = p % g.out_w;
-    }
-};
-
-// Grid-stride loop over [0, n); the launcher guarantees that i + stride cannot
-// overflow index_t (it picks the 64-bit instance otherwise).
-#define DCN_GRID_STRIDE_LOOP(index_t, i, n)                                                       \
-    for (index_t i = index_t(blockIdx.x) * index_t(blockDim.x) + index_t(threadIdx.x); i < (n); \
-         i += index_t(blockDim.x) * index_t(gridDim.x))
-
 // One sample: where kernel point k of output pixel (oy, ox) of image b reads,
 // in offset group `group`, and the mask value there.
 template <typename scalar_t, typename index_t>
@@ -118,7 +144,7 @@ struct Sample {
     index_t offset_at;  // index of dy in `offset` (dx is one output plane further)
     index_t mask_at;    // index of the mask value in `mask`
 
-    __device__ __forceinline__ Sample(const Geometry<index_t>& g, const scalar_t* offset,
+    __device__ __forceinline__ Sample(const Sampling<index_t>& g, const scalar_t* offset,
                                       const scalar_t* mask_ptr, bool has_mask, index_t b,
                                       index_t group, index_t k, index_t oy, index_t ox) {
         const index_t points = g.kernel_points();
@@ -186,23 +212,78 @@ struct Cell {
     }
 };
 
-// Zero-padded bilinear sample of one channel plane, with the early exit: 0
-// outside (-1, H) x (-1, W), NaN at a NaN position.  Every corner inside the
-// image is weighted, including those of weight 0, so that a NaN or infinite
-// pixel poisons every sample that reads it.
+// The position of one sample in the tile: sample index s = ((image*P + p)*G + group)*K + k.
+template <typename index_t>
+struct SampleIndex {
+    index_t image, p, group, k;
+
+    __device__ __forceinline__ SampleIndex(const Sampling<index_t>& g, index_t s) {
+        const index_t points = g.kernel_points();
+        k = s % points;
+        s /= points;
+        group = s % g.offset_groups;
+        s /= g.offset_groups;
+        p = s % g.tile_pixels();
+        image = s / g.tile_pixels();
+    }
+};
+
+enum SampleState : int { kSampled = 0, kEarlyExit = 1, kNaNPosition = 2 };
+
+// Everything about one sample that does not depend on the channel, computed once (by
+// describe_sample) and shared by the threads that handle its channels.  A plain
+// aggregate, so that it can live in shared memory.
+template <typename acc, typename index_t>
+struct SampleGeometry {
+    acc weight[4];       // bilinear weight of each corner (Cell::weight)
+    acc ly, lx;          // fractional position; ly + lx is NaN at a NaN position
+    acc mask;
+    index_t corner[4];   // pixel index y*W + x of each corner inside the image, -1 outside
+    index_t input_at;    // NHWC index of the image's pixel 0, channel 0
+    index_t column_at;   // column index of (image, p, channel 0, k)
+    index_t offset_at;   // index of dy in `offset` (dx is one output plane further)
+    index_t mask_at;     // index of the mask value
+    index_t first_channel;  // the offset group's first input channel
+    int state;           // SampleState
+    int near_bits;       // bit q: corner q is within distance 1 of the position (Cell::near)
+};
+
 template <typename scalar_t, typename index_t>
-__device__ __forceinline__ acc_t<scalar_t> bilinear(const scalar_t* plane, index_t height, index_t width,
-                                                    acc_t<scalar_t> y, acc_t<scalar_t> x) {
+__device__ __forceinline__ void describe_sample(SampleGeometry<acc_t<scalar_t>, index_t>& out,
+                                                const Sampling<index_t>& g, const scalar_t* offset,
+                                                const scalar_t* mask, bool has_mask, index_t s) {
     using acc = acc_t<scalar_t>;
-    if (outside(y, x, height, width)) return acc(0);
-    if (isnan(y) || isnan(x)) return y + x;  // NaN, without needing a NaN constant
-    const Cell<acc, index_t> cell(y, x, height, width);
-    acc value = 0;
+    const SampleIndex<index_t> at(g, s);
+    const index_t b = g.batch_start + at.image;
+    const index_t oy = g.row_start + at.p / g.out_w, ox = at.p % g.out_w;
+    const Sample<scalar_t, index_t> sample(g, offset, mask, has_mask, b, at.group, at.k, oy, ox);
+    const Cell<acc, index_t> cell(sample.y, sample.x, g.height, g.width);
+    out.ly = cell.ly;
+    out.lx = cell.lx;
+    out.mask = sample.mask;
+    out.near_bits = 0;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        if (cell.inside[q]) value += cell.weight(q) * load(plane + cell.index[q]);
+        out.weight[q] = cell.weight(q);
+        out.corner[q] = cell.inside[q] ? cell.index[q] : index_t(-1);
+        if (cell.near(q)) out.near_bits |= 1 << q;
     }
-    return value;
+    out.state = outside(sample.y, sample.x, g.height, g.width) ? kEarlyExit
+              : (isnan(sample.y) || isnan(sample.x))         ? kNaNPosition
+                                                              : kSampled;
+    out.input_at = g.input_at(b, 0);
+    out.column_at = at.image * g.col_image_stride + at.p * g.col_pixel_stride + at.k * g.col_point_stride;
+    out.offset_at = sample.offset_at;
+    out.mask_at = sample.mask_at;
+    out.first_channel = at.group * g.channels_per_offset_group();
+}
+
+// Threads per sample: the smallest power of two covering the offset group's channel
+// vectors, at most a block.
+__device__ __forceinline__ int lanes_for(long long vectors) {
+    int lanes = 1;
+    while (lanes < kBlockThreads && lanes < vectors) lanes *= 2;
+    return lanes;
 }
 
 }  // namespace dcn

@@ -21,10 +21,12 @@ from problems import Problem
 ALL = frozenset(INPUT_NAMES)
 
 
-def backend_outputs(backend, problem: Problem, to_device: Callable, to_host: Callable, wrt=ALL) -> dict:
+def backend_outputs(backend, problem: Problem, to_device: Callable, to_host: Callable, wrt=ALL,
+                    **backward_options) -> dict:
     """``im2col``, ``forward`` and ``grad_<name>`` for each gradient in ``wrt``, as NumPy arrays.
 
     As :func:`deformcp.deform_conv2d_backward` does, no gradient is asked for an absent mask or bias.
+    ``backward_options`` (``deterministic``, ``allow_tf32``) go to the backend's ``backward``.
     """
     geom = problem.spec.geometry
     cdt = compute_dtype(problem.x.dtype)
@@ -34,7 +36,7 @@ def backend_outputs(backend, problem: Problem, to_device: Callable, to_host: Cal
         "im2col": backend.im2col(geom, cdt, x, offset, mask),
         "forward": backend.forward(geom, cdt, x, offset, mask, weight, bias),
     }
-    grads = backend.backward(geom, cdt, to_device(problem.grad_out), x, offset, mask, weight, wrt)
+    grads = backend.backward(geom, cdt, to_device(problem.grad_out), x, offset, mask, weight, wrt, **backward_options)
     results.update({f"grad_{name}": value for name, value in grads.items()})
     return {name: to_host(value) for name, value in results.items()}
 

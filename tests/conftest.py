@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import deformcp
+from deformcp import workspace
 
 # JAX takes 75% of a GPU's memory when its backend starts, which starves CuPy and PyTorch in
 # the same test process; set before any test module imports JAX.
@@ -24,10 +25,14 @@ def rng(request) -> np.random.Generator:
 
 @pytest.fixture(autouse=True)
 def _restore_workspace_limit():
-    """A test that changes the workspace limit (or fails half-way) must not change it for the next."""
-    limit = deformcp.get_workspace_limit()
+    """A test that changes the workspace limit (or fails half-way) must not change it for the next.
+
+    The setting itself is restored, not its value: where none was set, the GPU's device-sized
+    default must apply again (deformcp.workspace.device_workspace_limit).
+    """
+    saved = workspace._limit
     yield
-    deformcp.set_workspace_limit(limit)
+    workspace._limit = saved
 
 
 @pytest.fixture(autouse=True)

@@ -23,26 +23,20 @@ DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.d
 TOLERANCE = {"float64": 1e-14, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.5e-2}
 
 
-class DeviceArray(fake_cupy.ndarray):
-    """A stand-in device array with ``data.ptr``."""
-
-    data = property(fake_cublas.memory_pointer)
-
-
-def device(values, dtype=None) -> DeviceArray:
-    return np.array(values, dtype=dtype, copy=True, order="C").view(DeviceArray)
+def device(values, dtype=None) -> fake_cupy.ndarray:
+    """A stand-in device array (it has ``data.ptr``), C-contiguous."""
+    return np.array(values, dtype=dtype, copy=True, order="C").view(fake_cupy.ndarray)
 
 
 @pytest.fixture
 def products():
-    with fake_cupy.installed(), fake_cublas.installed():
-        import deformcp.backends.cublas_products as module
-        module = importlib.reload(module)  # bind it to the stand-ins
+    with fake_cupy.installed():  # also stands in for CuPy's cuBLAS binding
+        module = importlib.import_module("deformcp.backends.cublas_products")
         fake_cublas.calls.clear()
         yield module
 
 
-def _operand(rng, batch: int, rows: int, cols: int, dtype, transposed: bool, broadcast: bool) -> DeviceArray:
+def _operand(rng, batch: int, rows: int, cols: int, dtype, transposed: bool, broadcast: bool) -> fake_cupy.ndarray:
     """A (batch, rows, cols) view: row-major, or the transpose of a row-major array; repeated if ``broadcast``."""
     shape = (1 if broadcast else batch, cols, rows) if transposed else (1 if broadcast else batch, rows, cols)
     array = device(rng.standard_normal(shape), dtype)

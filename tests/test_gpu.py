@@ -55,8 +55,8 @@ class _LaunchSpy:
         self.launches = []
         real = cupy_backend.get_kernel
 
-        def get_kernel(device_id, stage, dtype_name, index_bits):
-            kernel = real(device_id, stage, dtype_name, index_bits)
+        def get_kernel(device_id, stage, dtype_name, index_bits, vector=1):
+            kernel = real(device_id, stage, dtype_name, index_bits, vector)
 
             def launch(*args, **kwargs):
                 self.launches.append((stage, dtype_name, index_bits, cupy.cuda.get_current_stream().ptr))

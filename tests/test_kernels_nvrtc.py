@@ -1,7 +1,8 @@
 """Every CUDA kernel instance compiles with NVRTC, with no GPU and no driver.
 
 Each stage is compiled with all of its template instances (4 scalar types x 2 index
-widths), from exactly the source string and options the CuPy loader uses, by two NVRTCs:
+widths, x 2 channel vector widths for the vectorized stages), from exactly the source
+string and options the CuPy loader uses, by two NVRTCs:
 
 * CUDA 12's (what ``cupy-cuda12x`` runs) for sm_70, sm_80 and sm_90: ``libnvrtc.so.12``
   from ``nvidia-cuda-nvrtc-cu12``, through ctypes (:mod:`nvrtc12`), with the headers of
@@ -12,6 +13,8 @@ widths), from exactly the source string and options the CuPy loader uses, by two
   toolkit found by ``cuda-pathfinder``).
 
 All are in the ``nvrtc`` extra; a toolkit whose wheels are missing is skipped, saying which.
+ptxas is asked for its resource report (``-Xptxas=-v``, which changes nothing else): every
+instance must compile without spilling registers to local memory.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from deformcp.backends import cuda_kernels
 
 # Architectures compiled for, by NVRTC major version; each is compiled to a cubin (SASS).
 ARCHITECTURES = {12: ("sm_70", "sm_80", "sm_90"), 13: ("sm_75", "sm_80", "sm_90")}
+
+# ptxas's report of one kernel: its entry, then its stack and spills, then its registers.
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+)'")
+PTXAS_SPILLS = re.compile(r"(?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads")
+PTXAS_REGISTERS = re.compile(r"Used (?P<registers>\d+) registers")
+PTXAS_REPORT = "-Xptxas=-v"
 
 # NVRTC 12.9 says this for every architecture before sm_75, and has no option to silence
 # it short of -w (which would hide every warning); it is the one warning let through.
@@ -107,7 +116,8 @@ def _compile(nvrtc, stage: str, arch: str, include_dir: str):
         for expression in expressions:
             _check(nvrtc, nvrtc.nvrtcAddNameExpression(program, expression.encode())[0], "nvrtcAddNameExpression")
         options = [o.encode() for o in cuda_kernels.COMPILE_OPTIONS]
-        options += [f"--gpu-architecture={arch}".encode(), f"--include-path={include_dir}".encode()]
+        options += [f"--gpu-architecture={arch}".encode(), f"--include-path={include_dir}".encode(),
+                    PTXAS_REPORT.encode()]
         (compiled,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         result, size = nvrtc.nvrtcGetProgramLogSize(program)
         _check(nvrtc, result, "nvrtcGetProgramLogSize")
@@ -147,12 +157,36 @@ def test_every_instance_compiles(toolchain, stage, arch, record_property):
         log = DEPRECATED_ARCHITECTURE.sub("", log)
     assert "warning" not in log.lower(), f"{what} compiled with warnings:\n{log}"
     expressions = cuda_kernels.name_expressions(stage)
-    assert len(expressions) == 8 and len(set(expressions)) == 8
-    # Each instance was emitted under its own mangled name: all 8 exist in the binary.
+    count = 16 if stage in cuda_kernels.VECTORIZED_STAGES else 8
+    assert len(expressions) == count and len(set(expressions)) == count
+    # Each instance was emitted under its own mangled name: all of them exist in the binary.
     assert sorted(lowered) == sorted(expressions)
-    assert len(set(lowered.values())) == 8, lowered
+    assert len(set(lowered.values())) == count, lowered
     assert all(name.startswith("_Z") for name in lowered.values()), lowered
     assert cubin_size > 0
+    report = _resources(log)
+    assert sorted(report) == sorted(lowered.values()), f"{what}: ptxas reported {sorted(report)}"
+    spilling = {name: r for name, r in report.items() if r["spill stores"] or r["spill loads"]}
+    assert not spilling, f"{what}: instances spill registers: {spilling}\n{log}"
+    record_property("registers", {expression: report[lowered[expression]]["registers"] for expression in expressions})
+
+
+def _resources(log: str) -> dict:
+    """ptxas's report per kernel: ``{mangled name: {"registers", "spill stores", "spill loads"}}``."""
+    report, name = {}, None
+    for line in log.splitlines():
+        entry = PTXAS_ENTRY.search(line)
+        if entry:
+            name = entry.group("name")
+            report[name] = {}
+        elif name and PTXAS_SPILLS.search(line):
+            spills = PTXAS_SPILLS.search(line)
+            report[name].update({"spill stores": int(spills.group("stores")), "spill loads": int(spills.group("loads"))})
+        elif name and PTXAS_REGISTERS.search(line):
+            report[name]["registers"] = int(PTXAS_REGISTERS.search(line).group("registers"))
+    for name, resources in report.items():
+        assert set(resources) == {"registers", "spill stores", "spill loads"}, f"incomplete ptxas report for {name}"
+    return report
 
 
 def test_kernel_source_is_self_contained():
@@ -167,6 +201,11 @@ def test_loader_rejects_unknown_names():
     with pytest.raises(ValueError, match="stage"):
         cuda_kernels.kernel_source("im2row")
     with pytest.raises(ValueError, match="dtype_name"):
-        cuda_kernels.name_expression("im2col", "int8", 32)
+        cuda_kernels.name_expression("sample", "int8", 32)
     with pytest.raises(ValueError, match="index_bits"):
-        cuda_kernels.name_expression("im2col", "float32", 16)
+        cuda_kernels.name_expression("sample", "float32", 16)
+    with pytest.raises(ValueError, match="vector must be one of"):
+        cuda_kernels.name_expression("sample", "float32", 32, 8)
+    with pytest.raises(ValueError, match="no vector width"):
+        cuda_kernels.name_expression("gather_keys", "float32", 32, 4)
+    assert cuda_kernels.name_expression("sample", "bfloat16", 64, 8) == "deform_sample_kernel<__nv_bfloat16, long long, 8>"

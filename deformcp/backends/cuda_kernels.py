@@ -1,10 +1,11 @@
 """The CUDA kernels: where their sources are, how they are assembled, and the memoized loader.
 
-The kernels live in ``.cu`` files, one per stage, sharing ``deform_common.cuh``.  In an
-installed wheel they are in ``deformcp/kernels/`` (the wheel maps the repository's
-top-level ``kernels/`` there); in a source checkout or an editable install they are read
-from the repository's ``kernels/``.  Everything that needs the sources (the CuPy loader,
-the NVRTC compile test, the CPU emulation of the kernels) asks :func:`kernel_source`.
+The kernels live in ``.cu`` files, one per stage (``deform_gather.cu`` holds two), sharing
+``deform_common.cuh``.  In an installed wheel they are in ``deformcp/kernels/`` (the wheel
+maps the repository's top-level ``kernels/`` there); in a source checkout or an editable
+install they are read from the repository's ``kernels/``.  Everything that needs the
+sources (the CuPy loader, the NVRTC compile test, the CPU emulation of the kernels) asks
+:func:`kernel_source`.
 
 The header is pasted into each ``.cu`` text rather than ``#include``-d, because CuPy's
 on-disk kernel cache is keyed by the source string and would not notice a changed header.
@@ -24,21 +25,28 @@ __all__ = [
     "INDEX_TYPES",
     "SCALAR_TYPES",
     "STAGES",
+    "VECTORIZED_STAGES",
     "get_kernel",
     "kernel_dir",
     "kernel_source",
     "name_expression",
     "name_expressions",
+    "vector_widths",
 ]
 
 HEADER = "deform_common.cuh"
 
 # stage -> (source file, templated kernel name)
 STAGES: Dict[str, Tuple[str, str]] = {
-    "im2col": ("deform_im2col.cu", "deform_im2col_kernel"),
-    "col2im": ("deform_col2im.cu", "deform_col2im_kernel"),
-    "col2im_coord": ("deform_col2im_coord.cu", "deform_col2im_coord_kernel"),
+    "sample": ("deform_sample.cu", "deform_sample_kernel"),
+    "sample_backward": ("deform_sample_backward.cu", "deform_sample_backward_kernel"),
+    "gather_keys": ("deform_gather.cu", "deform_gather_keys_kernel"),
+    "gather": ("deform_gather.cu", "deform_gather_kernel"),
 }
+
+# Stages whose kernels are also templated on the channel vector width VEC: the channels a
+# thread loads and stores at once, 1 or a 16-byte vector (:func:`vector_widths`).
+VECTORIZED_STAGES = frozenset({"sample", "sample_backward", "gather"})
 
 # NumPy dtype name -> CUDA scalar type of the template instance.
 SCALAR_TYPES: Dict[str, str] = {
@@ -50,6 +58,9 @@ SCALAR_TYPES: Dict[str, str] = {
 
 # Index width in bits -> C type of the template instance.
 INDEX_TYPES: Dict[int, str] = {32: "int", 64: "long long"}
+
+_ITEM_SIZES: Dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+_VECTOR_BYTES = 16  # the widest global load and store, 128 bits
 
 COMPILE_OPTIONS: Tuple[str, ...] = ("--std=c++17",)
 
@@ -87,7 +98,7 @@ def kernel_source(stage: str) -> str:
     Parameters
     ----------
     stage : str
-        One of :data:`STAGES` (``"im2col"``, ``"col2im"``, ``"col2im_coord"``).
+        One of :data:`STAGES` (``"sample"``, ``"sample_backward"``, ``"gather_keys"``, ``"gather"``).
 
     Returns
     -------
@@ -104,8 +115,19 @@ def kernel_source(stage: str) -> str:
     return source.replace(include, f"// ---- {HEADER} (inlined) ----\n{header}\n// ---- end of {HEADER} ----")
 
 
-def name_expression(stage: str, dtype_name: str, index_bits: int) -> str:
-    """The C++ name of one template instance, e.g. ``deform_im2col_kernel<float, int>``.
+def vector_widths(dtype_name: str) -> Tuple[int, int]:
+    """The channel vector widths the vectorized stages are compiled for: 1 and one 16-byte vector.
+
+    ``(1, 8)`` for float16 and bfloat16, ``(1, 4)`` for float32, ``(1, 2)`` for float64.
+    """
+    try:
+        return (1, _VECTOR_BYTES // _ITEM_SIZES[dtype_name])
+    except KeyError:
+        raise ValueError(f"dtype_name must be one of {tuple(SCALAR_TYPES)}, got {dtype_name!r}") from None
+
+
+def name_expression(stage: str, dtype_name: str, index_bits: int, vector: int = 1) -> str:
+    """The C++ name of one template instance, e.g. ``deform_sample_kernel<float, int, 4>``.
 
     Parameters
     ----------
@@ -115,6 +137,9 @@ def name_expression(stage: str, dtype_name: str, index_bits: int) -> str:
         One of :data:`SCALAR_TYPES` (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"float64"``).
     index_bits : int
         32 or 64.
+    vector : int
+        The channel vector width, one of :func:`vector_widths` for :data:`VECTORIZED_STAGES`,
+        1 for the others.
     """
     _, kernel = _stage(stage)
     try:
@@ -125,12 +150,19 @@ def name_expression(stage: str, dtype_name: str, index_bits: int) -> str:
         index = INDEX_TYPES[index_bits]
     except KeyError:
         raise ValueError(f"index_bits must be one of {tuple(INDEX_TYPES)}, got {index_bits!r}") from None
-    return f"{kernel}<{scalar}, {index}>"
+    if stage not in VECTORIZED_STAGES:
+        if vector != 1:
+            raise ValueError(f"stage {stage!r} has no vector width; got vector={vector!r}")
+        return f"{kernel}<{scalar}, {index}>"
+    if vector not in vector_widths(dtype_name):
+        raise ValueError(f"vector must be one of {vector_widths(dtype_name)} for {dtype_name}, got {vector!r}")
+    return f"{kernel}<{scalar}, {index}, {vector}>"
 
 
 def name_expressions(stage: str) -> List[str]:
-    """Every template instance of a stage: 4 scalar types x 2 index widths."""
-    return [name_expression(stage, dtype, bits) for dtype in SCALAR_TYPES for bits in INDEX_TYPES]
+    """Every template instance of a stage: 4 scalar types x 2 index widths (x 2 vector widths if vectorized)."""
+    return [name_expression(stage, dtype, bits, vector) for dtype in SCALAR_TYPES for bits in INDEX_TYPES
+            for vector in (vector_widths(dtype) if stage in VECTORIZED_STAGES else (1,))]
 
 
 def _stage(stage: str) -> Tuple[str, str]:
@@ -141,14 +173,14 @@ def _stage(stage: str) -> Tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def get_kernel(device_id: int, stage: str, dtype_name: str, index_bits: int):
+def get_kernel(device_id: int, stage: str, dtype_name: str, index_bits: int, vector: int = 1):
     """The compiled kernel of one template instance on one device, compiled at most once.
 
     Parameters
     ----------
     device_id : int
         CUDA device ordinal.
-    stage, dtype_name, index_bits
+    stage, dtype_name, index_bits, vector
         As for :func:`name_expression`.
 
     Returns
@@ -168,7 +200,7 @@ def get_kernel(device_id: int, stage: str, dtype_name: str, index_bits: int):
     """
     import cupy
 
-    expression = name_expression(stage, dtype_name, index_bits)
+    expression = name_expression(stage, dtype_name, index_bits, vector)
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=kernel_source(stage), options=COMPILE_OPTIONS,
                                 name_expressions=(expression,))

@@ -2,19 +2,29 @@
 
 How it works
 ------------
-Three kernels (see ``docs/cuda.md``) do the sampling; the convolution itself is a batched
-matrix product per weight group through ``cupy.matmul`` (cuBLAS)::
+The kernels read the input channels-last (NHWC): one transposed copy of ``x``, none when
+``x`` is already laid out so (a PyTorch ``channels_last`` tensor).  Per tile of images and
+output rows (under the workspace limit), with ``g`` a convolution group::
 
-    forward   columns = im2col(x, offset, mask)             # (images, C*K, pixels)
-              out     = weight_g @ columns_g                 # per group, broadcast over images
-    backward  grad_columns = weight_g^T @ grad_out_g         # (C*K, images, pixels)
-              grad_x              <- col2im(grad_columns)    # scatter, atomic adds
-              grad_offset, grad_mask <- col2im_coord(grad_columns, x)
-              grad_weight += grad_out_g @ columns_g^T
+    forward   columns  = sample(x, offset, mask)            # (images, pixels, row) in x's dtype
+              out[tile, g] = weight'_g @ columns_g^T         # cuBLAS, straight into NCHW
+    backward  columns  = sample(x, offset, mask)            # only for grad_weight
+              grad_weight'_g += grad_out_g @ columns_g       # cuBLAS, one call per image
+              grad_columns_g = grad_out_g^T @ weight'_g      # cuBLAS, (images, pixels, C*K)
+              grad_offset, grad_mask, grad_x <- sample_backward(grad_columns, x)
+              grad_x (deterministic=True) <- gather(grad_columns) over corners sorted by pixel
 
-The column matrix is held in the accumulation type (float32 for float16 and bfloat16),
-so half-precision results are rounded once, at the end.  Work is split into tiles of
-images and output rows under the workspace limit (:mod:`deformcp.workspace`).
+A column row holds, for each convolution group, its ``K*C/groups`` samples (kernel point
+major, channel minor: a thread stores a vector of channels at once), then a column of ones
+when there is a bias (its weight is the bias: the product adds it), padded to 16 bytes.
+``weight'`` is the weight in that order, the bias appended.  The products take strided
+views (:mod:`.cublas_products`): the output tile is a slice of NCHW with leading dimension
+``H_out*W_out``, ``grad_out`` is read in place, transposed by the product.
+
+Precision: the columns and ``grad_columns`` are held in the input's own type, so float16
+and bfloat16 products run on tensor cores with float32 accumulation (one more rounding of
+the sampled values than on the CPU, docs/semantics.md); float32 uses TF32 only with
+``allow_tf32``.  ``grad_x`` and ``grad_weight`` accumulate in float32 for the half types.
 
 Everything runs on the device of ``x`` and on CuPy's current stream, with no host
 synchronisation.  Kernels use 32-bit index arithmetic unless an element count needs 64.
@@ -26,46 +36,117 @@ when CUDA arrays arrive.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import cupy
 import numpy as np
 
-from ..dtypes import is_half
 from ..geometry import ConvGeometry
-from ..workspace import Tile, plan_tiles
-from .cuda_kernels import get_kernel
+from ..workspace import Tile, device_workspace_limit, plan_tiles
+from .cublas_products import matmul
+from .cuda_kernels import get_kernel, vector_widths
 
 __all__ = ["forward", "backward", "im2col"]
 
-_THREADS_PER_BLOCK = 256
-# Enough resident blocks to fill every multiprocessor; the grid-stride loops do the rest.
+_THREADS_PER_BLOCK = 256  # the kernels' dcn::kBlockThreads
+# Enough resident blocks to fill every multiprocessor; the kernels loop over the rest.
 _BLOCKS_PER_MULTIPROCESSOR = 8
 _INT32_MAX = 2**31 - 1
 # The narrowest index width used.  Tests set it to 64 to run the 64-bit instances on
 # small problems; nothing else should change it.
 _MIN_INDEX_BITS = 32
+_VECTOR_BYTES = 16  # one 128-bit load or store
+_ROW_ALIGNMENT = 8  # elements: every group's columns start on 16 bytes for the 16-bit types
 
 
 @functools.lru_cache(maxsize=None)
-def _max_blocks(device_id: int) -> int:
+def _device(device_id: int) -> Tuple[int, int]:
+    """``(multiprocessors, total memory in bytes)`` of a device."""
     properties = cupy.cuda.runtime.getDeviceProperties(device_id)
-    return int(properties["multiProcessorCount"]) * _BLOCKS_PER_MULTIPROCESSOR
+    return int(properties["multiProcessorCount"]), int(properties["totalGlobalMem"])
+
+
+class _Columns(NamedTuple):
+    """Where column element (image, pixel, channel c, kernel point k) lives, as the kernels' strides.
+
+    ``image * image + pixel * pixel + (c // group_channels) * group + k * point
+    + (c % group_channels) * channel``.
+    """
+
+    image: int
+    pixel: int
+    group: int
+    point: int
+    channel: int
+
+
+class _ProductLayout(NamedTuple):
+    """The pixel-major column rows the products read: per group its samples, the ones column, padding."""
+
+    samples: int  # K * C/groups, a group's samples of one pixel
+    used: int     # the columns a product reads: samples, and the ones column if there is one
+    width: int    # a group's columns, padded to _ROW_ALIGNMENT
+    row: int      # a pixel's columns, all groups
+
+    @classmethod
+    def of(cls, geom: ConvGeometry, ones: bool) -> "_ProductLayout":
+        samples = geom.kernel_points * geom.channels_per_group
+        width = -(-(samples + ones) // _ROW_ALIGNMENT) * _ROW_ALIGNMENT
+        return cls(samples, samples + ones, width, width * geom.groups)
+
+    def columns(self, geom: ConvGeometry, pixels: int) -> _Columns:
+        return _Columns(pixels * self.row, self.row, self.width, geom.channels_per_group, 1)
+
+
+def _grad_columns(geom: ConvGeometry, pixels: int) -> _Columns:
+    """``grad_columns``, ``(images, pixels, C*K)``: per pixel, each group's K*C/groups values."""
+    row = geom.in_channels * geom.kernel_points
+    group = geom.kernel_points * geom.channels_per_group
+    return _Columns(pixels * row, row, group, geom.channels_per_group, 1)
+
+
+def _unfold_columns(geom: ConvGeometry) -> _Columns:
+    """``torch.nn.functional.unfold``'s ``(B, C*K, L)``: element ``(b, c*K + k, pixel)``."""
+    pixels, points = geom.out_pixels, geom.kernel_points
+    return _Columns(geom.in_channels * points * pixels, 1, geom.channels_per_group * points * pixels, pixels,
+                    points * pixels)
+
+
+def _lanes(vectors: int) -> int:
+    """Threads per sample, as the kernels' dcn::lanes_for: the power of two covering ``vectors``, at most a block."""
+    lanes = 1
+    while lanes < _THREADS_PER_BLOCK and lanes < vectors:
+        lanes *= 2
+    return lanes
 
 
 class _Launch:
-    """What every kernel launch of one call shares: device, types, geometry arguments."""
+    """What every kernel launch of one call shares: device, types, vector width, geometry arguments."""
 
-    def __init__(self, geom: ConvGeometry, acc: np.dtype, x):
+    def __init__(self, geom: ConvGeometry, acc: np.dtype, x_nhwc):
         self.geom = geom
-        self.device_id = int(x.device.id)
-        self.dtype = np.dtype(x.dtype)
-        self.acc = acc
-        self.max_blocks = _max_blocks(self.device_id)
+        self.device_id = int(x_nhwc.device.id)
+        self.dtype = np.dtype(x_nhwc.dtype)
+        self.acc = np.dtype(acc)
+        multiprocessors, self.device_memory = _device(self.device_id)
+        self.max_blocks = multiprocessors * _BLOCKS_PER_MULTIPROCESSOR
         self.index = np.int32 if _MIN_INDEX_BITS == 32 else np.int64
+        # Channel vectors: as wide as the channel counts of both kinds of group and the
+        # input's alignment allow (the buffers deformcp allocates are aligned).
+        widest = vector_widths(self.dtype.name)[1]
+        channels = math.gcd(geom.channels_per_group, geom.channels_per_offset_group)
+        aligned = x_nhwc.data.ptr % _VECTOR_BYTES == 0
+        self.vector = widest if channels % widest == 0 and aligned else 1
+        self.lanes = _lanes(geom.channels_per_offset_group // self.vector)
+
+    @property
+    def workspace_limit(self) -> int:
+        return device_workspace_limit(self.device_memory)
 
     def choose_index_width(self, *element_counts: int) -> None:
-        """Use 64-bit indices if any count (or a grid-stride step past it) could overflow int32."""
+        """Use 64-bit indices if any count (or a loop step past it) could overflow int32."""
         headroom = self.max_blocks * _THREADS_PER_BLOCK
         if max(element_counts, default=0) > _INT32_MAX - headroom:
             self.index = np.int64
@@ -74,25 +155,44 @@ class _Launch:
     def index_bits(self) -> int:
         return 8 * np.dtype(self.index).itemsize
 
-    def geometry_args(self, tile: Tile, col_batch_stride: int, col_row_stride: int) -> tuple:
-        """The kernels' geometry arguments, in the order of ``DCN_GEOMETRY_PARAMS``."""
+    def sampling_args(self, tile: Tile, columns: _Columns) -> tuple:
+        """The kernels' geometry and column-layout arguments, in the order of ``DCN_SAMPLING_PARAMS``."""
         g = self.geom
         values = (g.in_channels, g.height, g.width, g.kernel_h, g.kernel_w, g.stride[0], g.stride[1],
                   g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], g.offset_groups, g.out_h, g.out_w,
-                  tile.batch_start, tile.images, tile.row_start, tile.out_rows, col_batch_stride, col_row_stride)
+                  tile.batch_start, tile.images, tile.row_start, tile.out_rows, g.channels_per_group, *columns)
         return tuple(self.index(v) for v in values)
 
-    def run(self, stage: str, work_items: int, *args) -> None:
-        """Launch ``stage`` over ``work_items`` threads' worth of work; nothing for an empty range."""
-        if work_items == 0:
+    def samples(self, tile: Tile) -> int:
+        g = self.geom
+        return tile.images * tile.out_rows * g.out_w * g.offset_groups * g.kernel_points
+
+    def run_samples(self, stage: str, tile: Tile, *args) -> None:
+        """Launch a cooperative stage over the tile's samples, ``256 / lanes`` samples per block at a time."""
+        samples = self.samples(tile)
+        if samples == 0:
             return
-        blocks = min(-(-work_items // _THREADS_PER_BLOCK), self.max_blocks)
-        kernel = get_kernel(self.device_id, stage, self.dtype.name, self.index_bits)
-        kernel((blocks,), (_THREADS_PER_BLOCK,), (self.index(work_items),) + args)
+        per_round = _THREADS_PER_BLOCK // self.lanes
+        self._launch(stage, -(-samples // per_round), self.vector, args)
+
+    def run_items(self, stage: str, items: int, *args, vector: int = 1) -> None:
+        """Launch a grid-stride stage over ``items`` work items; nothing for an empty range."""
+        if items:
+            self._launch(stage, -(-items // _THREADS_PER_BLOCK), vector, args)
+
+    def _launch(self, stage: str, blocks: int, vector: int, args: tuple) -> None:
+        kernel = get_kernel(self.device_id, stage, self.dtype.name, self.index_bits, vector)
+        kernel((min(blocks, self.max_blocks),), (_THREADS_PER_BLOCK,), args)
 
 
 def _contiguous(*arrays):
     return tuple(None if a is None else cupy.ascontiguousarray(a) for a in arrays)
+
+
+def _channels_last(x):
+    """``x`` as a C-contiguous ``(B, H, W, C)`` array: a view of a channels-last ``x``, else one copy."""
+    nhwc = x.transpose(0, 2, 3, 1)
+    return nhwc if nhwc.flags.c_contiguous else cupy.ascontiguousarray(nhwc)
 
 
 def _mask_args(launch: _Launch, offset, mask) -> tuple:
@@ -104,131 +204,211 @@ def _tile_pixels(geom: ConvGeometry, tile: Tile) -> int:
     return tile.out_rows * geom.out_w
 
 
-def _im2col_into(launch: _Launch, tile: Tile, x, offset, mask, columns, col_batch_stride: int,
-                 col_row_stride: int) -> None:
-    geom = launch.geom
-    work = tile.images * geom.in_channels * _tile_pixels(geom, tile)
-    launch.run("im2col", work, x, offset, *_mask_args(launch, offset, mask), columns,
-               *launch.geometry_args(tile, col_batch_stride, col_row_stride))
+def _sample(launch: _Launch, tile: Tile, x_nhwc, offset, mask, columns, layout: _Columns, ones_at: int = -1) -> None:
+    """The ``sample`` stage: the tile's columns, with a column of ones at ``ones_at`` of each group if >= 0."""
+    launch.run_samples("sample", tile, x_nhwc, offset, *_mask_args(launch, offset, mask), columns,
+                       launch.index(ones_at), *launch.sampling_args(tile, layout))
 
 
-def _weight_matrix(launch: _Launch, weight):
-    """``weight`` as ``(groups, C_out/groups, C/groups * K)`` in the accumulation type."""
-    geom = launch.geom
-    return weight.astype(launch.acc, copy=False).reshape(
-        geom.groups, geom.out_channels_per_group, geom.channels_per_group * geom.kernel_points)
+def _packed_weight(geom: ConvGeometry, weight, bias, layout: _ProductLayout):
+    """``(groups, C_out/groups, layout.width)``: each group's weight in column order, the bias after it.
+
+    Columns past ``layout.used`` are padding that no product reads.
+    """
+    groups, per_group = geom.groups, geom.out_channels_per_group
+    packed = cupy.empty((groups, per_group, layout.width), dtype=weight.dtype)
+    # (C_out, C/g, kh, kw) -> (g, C_out/g, K, C/g): kernel point major, as the columns are.
+    packed[:, :, :layout.samples].reshape(groups, per_group, geom.kernel_points, geom.channels_per_group)[...] = \
+        weight.reshape(groups, per_group, geom.channels_per_group, geom.kernel_points).transpose(0, 1, 3, 2)
+    if bias is not None:
+        packed[:, :, layout.samples] = bias.reshape(groups, per_group)
+    return packed
 
 
-def forward(geom: ConvGeometry, acc: np.dtype, x, offset, mask, weight, bias):
+def forward(geom: ConvGeometry, acc: np.dtype, x, offset, mask, weight, bias, *, allow_tf32: bool = False):
     """Deformable convolution on CuPy arrays; see :func:`deformcp.deform_conv2d`."""
-    x, offset, mask, weight = _contiguous(x, offset, mask, weight)
+    offset, mask, weight, bias = _contiguous(offset, mask, weight, bias)
     with x.device:
-        launch = _Launch(geom, acc, x)
+        x_nhwc = _channels_last(x)
+        launch = _Launch(geom, acc, x_nhwc)
         out = cupy.empty(geom.out_shape, dtype=launch.dtype)
-        rows = geom.in_channels * geom.kernel_points
-        s = launch.acc.itemsize
-        tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, (rows + geom.out_channels) * s, 0)
-        launch.choose_index_width(x.size, offset.size, *(rows * t.images * _tile_pixels(geom, t) for t in tiles))
-        wmat = _weight_matrix(launch, weight)
-        bias_acc = None if bias is None else bias.astype(launch.acc, copy=False).reshape(-1, 1, 1)
+        layout = _ProductLayout.of(geom, ones=bias is not None)
+        tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, layout.row * launch.dtype.itemsize, 0,
+                           limit=launch.workspace_limit)
+        launch.choose_index_width(x_nhwc.size, offset.size,
+                                  *(layout.row * t.images * _tile_pixels(geom, t) for t in tiles))
+        packed = _packed_weight(geom, weight, bias, layout)
+        out_rows = out.reshape(geom.batch, geom.out_channels, geom.out_pixels)
+        per_group = geom.out_channels_per_group
         for tile in tiles:
-            pixels = _tile_pixels(geom, tile)
-            columns = cupy.empty((tile.images, rows, pixels), dtype=launch.acc)
-            _im2col_into(launch, tile, x, offset, mask, columns, rows * pixels, pixels)
-            grouped = columns.reshape(tile.images, geom.groups, rows // geom.groups, pixels)
-            y = cupy.matmul(wmat, grouped).reshape(tile.images, geom.out_channels, tile.out_rows, geom.out_w)
-            if bias_acc is not None:
-                y += bias_acc
-            out[tile.batch, :, tile.rows] = y.astype(launch.dtype, copy=False)
+            pixels, first = _tile_pixels(geom, tile), tile.row_start * geom.out_w
+            columns = cupy.empty((tile.images, pixels, layout.row), dtype=launch.dtype)
+            _sample(launch, tile, x_nhwc, offset, mask, columns, layout.columns(geom, pixels),
+                    layout.samples if bias is not None else -1)
+            for g in range(geom.groups):
+                weight_g = cupy.broadcast_to(packed[g, :, :layout.used], (tile.images, per_group, layout.used))
+                columns_g = columns[:, :, g * layout.width:g * layout.width + layout.used].transpose(0, 2, 1)
+                target = out_rows[tile.batch, g * per_group:(g + 1) * per_group, first:first + pixels]
+                matmul(weight_g, columns_g, target, allow_tf32=allow_tf32)
     return out
 
 
 def im2col(geom: ConvGeometry, acc: np.dtype, x, offset, mask):
-    """Deformable im2col on CuPy arrays; see :func:`deformcp.deform_im2col`."""
-    x, offset, mask = _contiguous(x, offset, mask)
+    """Deformable im2col on CuPy arrays; see :func:`deformcp.deform_im2col`.
+
+    The sampling kernel writes the result in unfold's layout directly, in ``x``'s dtype.
+    """
+    offset, mask = _contiguous(offset, mask)
     with x.device:
-        launch = _Launch(geom, acc, x)
+        x_nhwc = _channels_last(x)
+        launch = _Launch(geom, acc, x_nhwc)
         out = cupy.empty(geom.columns_shape, dtype=launch.dtype)
-        rows, pixels = geom.in_channels * geom.kernel_points, geom.out_pixels
-        if not is_half(launch.dtype):
-            # The result is the column matrix itself: written in place, no scratch space.
-            launch.choose_index_width(x.size, offset.size, out.size)
-            _im2col_into(launch, Tile(0, geom.batch, 0, geom.out_h), x, offset, mask, out, rows * pixels, pixels)
-            return out
-        tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, rows * launch.acc.itemsize, 0)
-        launch.choose_index_width(x.size, offset.size, *(rows * t.images * _tile_pixels(geom, t) for t in tiles))
-        for tile in tiles:
-            tile_pixels = _tile_pixels(geom, tile)
-            columns = cupy.empty((tile.images, rows, tile_pixels), dtype=launch.acc)
-            _im2col_into(launch, tile, x, offset, mask, columns, rows * tile_pixels, tile_pixels)
-            first = tile.row_start * geom.out_w
-            out[tile.batch, :, first:first + tile_pixels] = columns.astype(launch.dtype)
+        launch.choose_index_width(x_nhwc.size, offset.size, out.size)
+        _sample(launch, Tile(0, geom.batch, 0, geom.out_h), x_nhwc, offset, mask, out, _unfold_columns(geom))
     return out
 
 
-def backward(geom: ConvGeometry, acc: np.dtype, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
+def backward(geom: ConvGeometry, acc: np.dtype, grad_out, x, offset, mask, weight, wrt: frozenset, *,
+             deterministic: Optional[bool] = None, allow_tf32: bool = False) -> dict:
     """The gradients named in ``wrt`` on CuPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
-    Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
+    ``deterministic=True`` computes ``grad_x`` by the gather of ``deform_gather.cu`` instead
+    of atomic additions (the other gradients are deterministic either way).  Returns a dict
+    from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
     """
-    grad_out, x, offset, mask, weight = _contiguous(grad_out, x, offset, mask, weight)
+    grad_out, offset, mask, weight = _contiguous(grad_out, offset, mask, weight)
     with x.device:
-        launch = _Launch(geom, acc, x)
+        x_nhwc = _channels_last(x)
+        launch = _Launch(geom, acc, x_nhwc)
         dtype = launch.dtype
+        want = _Wanted.of(wrt, mask is not None, bool(deterministic))
         grads = {}
-        if "bias" in wrt:
-            grads["bias"] = grad_out.astype(acc, copy=False).sum(axis=(0, 2, 3)).astype(dtype, copy=False)
-        want_offset = "offset" in wrt
-        want_mask = "mask" in wrt and mask is not None
-        grad_x = cupy.zeros(geom.x_shape, dtype=acc) if "x" in wrt else None
-        if want_offset:
+        layout = _ProductLayout.of(geom, ones=False)
+        grad_x = cupy.zeros((geom.batch, geom.height, geom.width, geom.in_channels), dtype=launch.acc) \
+            if want.x else None
+        grad_w = cupy.empty((geom.groups, geom.out_channels_per_group, layout.used), dtype=launch.acc) \
+            if want.weight else None
+        if want.offset:
             grads["offset"] = cupy.empty(geom.offset_shape, dtype=dtype)
-        if want_mask:
+        if want.mask:
             grads["mask"] = cupy.empty(geom.mask_shape, dtype=dtype)
-        wmat = _weight_matrix(launch, weight)
-        grad_w = cupy.zeros(wmat.shape, dtype=acc) if "weight" in wrt else None
-        if grad_x is not None or want_offset or want_mask or grad_w is not None:
-            _backward_tiles(launch, grad_out, x, offset, mask, wmat, grad_x, grad_w,
-                            grads.get("offset"), grads.get("mask"))
+        wrote_weight = _backward_tiles(launch, want, layout, grad_out, x_nhwc, offset, mask, weight, grad_x, grad_w,
+                                       grads.get("offset"), grads.get("mask"), allow_tf32)
         if grad_x is not None:
-            grads["x"] = grad_x.astype(dtype, copy=False)
+            grads["x"] = cupy.empty(geom.x_shape, dtype=dtype)
+            grads["x"][...] = grad_x.transpose(0, 3, 1, 2)
         if grad_w is not None:
-            grads["weight"] = grad_w.reshape(geom.weight_shape).astype(dtype, copy=False)
+            if not wrote_weight:  # no product ran (an empty batch): nothing was summed
+                grad_w.fill(0)
+            groups, per_group = geom.groups, geom.out_channels_per_group
+            grads["weight"] = cupy.empty(geom.weight_shape, dtype=dtype)
+            grads["weight"].reshape(groups, per_group, geom.channels_per_group, geom.kernel_points)[...] = \
+                grad_w[:, :, :layout.samples].reshape(groups, per_group, geom.kernel_points,
+                                                      geom.channels_per_group).transpose(0, 1, 3, 2)
+        if want.bias:
+            grads["bias"] = grad_out.sum(axis=(0, 2, 3), dtype=launch.acc).astype(dtype, copy=False)
     return grads
 
 
-def _backward_tiles(launch: _Launch, grad_out, x, offset, mask, wmat, grad_x, grad_w,
-                    grad_offset: Optional[object], grad_mask: Optional[object]) -> None:
-    """Accumulate the gradients tile by tile; the column matrices are ``(C*K, images, pixels)``."""
+@dataclass(frozen=True)
+class _Wanted:
+    """Which gradients one backward call computes, and how."""
+
+    x: bool
+    offset: bool
+    mask: bool
+    weight: bool
+    bias: bool
+    deterministic: bool
+
+    @classmethod
+    def of(cls, wrt: frozenset, has_mask: bool, deterministic: bool) -> "_Wanted":
+        return cls("x" in wrt, "offset" in wrt, "mask" in wrt and has_mask, "weight" in wrt, "bias" in wrt,
+                   deterministic)
+
+    @property
+    def grad_columns(self) -> bool:
+        return self.x or self.offset or self.mask
+
+    @property
+    def atomic_x(self) -> bool:
+        return self.x and not self.deterministic
+
+
+def _backward_tiles(launch: _Launch, want: _Wanted, layout: _ProductLayout, grad_out, x_nhwc, offset, mask, weight,
+                    grad_x, grad_w, grad_offset, grad_mask, allow_tf32: bool) -> bool:
+    """Accumulate the gradients tile by tile; return whether any weight product ran."""
     geom = launch.geom
-    rows = geom.in_channels * geom.kernel_points
-    s = launch.acc.itemsize
-    tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, 2 * (rows + geom.out_channels) * s, 0)
-    launch.choose_index_width(x.size, offset.size, *(rows * t.images * _tile_pixels(geom, t) for t in tiles))
-    per_group = rows // geom.groups
-    want_coord = grad_offset is not None or grad_mask is not None
+    item = launch.dtype.itemsize
+    grad_row = geom.in_channels * geom.kernel_points
+    per_pixel = item * ((layout.row if want.weight else 0) + (grad_row if want.grad_columns else 0))
+    per_image = 0
+    if want.x and want.deterministic:
+        # Four corner entries per sample (key, coefficient, sorted order and key) and each pixel's start.
+        per_pixel += 4 * geom.offset_groups * geom.kernel_points * (3 * 8 + launch.acc.itemsize)
+        per_image = 8 * (geom.offset_groups * geom.height * geom.width + 1)
+    tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, per_pixel, per_image, limit=launch.workspace_limit)
+    counts = [x_nhwc.size, offset.size]
+    for t in tiles:
+        pixels = t.images * _tile_pixels(geom, t)
+        counts += [layout.row * pixels, grad_row * pixels, 4 * launch.samples(t) + 4,
+                   t.images * geom.offset_groups * geom.height * geom.width * geom.channels_per_offset_group]
+    launch.choose_index_width(*counts)
+    packed = _packed_weight(geom, weight, None, layout) if want.grad_columns else None
+    out_rows = grad_out.reshape(geom.batch, geom.out_channels, geom.out_pixels)
+    groups, per_group = geom.groups, geom.out_channels_per_group
     mask_args = _mask_args(launch, offset, mask)
+    wrote_weight = False
     for tile in tiles:
-        pixels = _tile_pixels(geom, tile)
-        span = tile.images * pixels
-        strides = (pixels, span)  # column (image b, row r, pixel p) at b*pixels + r*span + p
-        # grad_out of the tile as (groups, C_out/groups, images * pixels)
-        go = cupy.ascontiguousarray(grad_out[tile.batch, :, tile.rows].astype(launch.acc, copy=False)
-                                    .transpose(1, 0, 2, 3)).reshape(geom.groups, geom.out_channels_per_group, span)
-        if grad_w is not None:
-            columns = cupy.empty((rows, tile.images, pixels), dtype=launch.acc)
-            _im2col_into(launch, tile, x, offset, mask, columns, *strides)
-            grad_w += cupy.matmul(go, columns.reshape(geom.groups, per_group, span).transpose(0, 2, 1))
+        pixels, first = _tile_pixels(geom, tile), tile.row_start * geom.out_w
+        if want.weight:
+            columns = cupy.empty((tile.images, pixels, layout.row), dtype=launch.dtype)
+            _sample(launch, tile, x_nhwc, offset, mask, columns, layout.columns(geom, pixels))
+            for i in range(tile.images):
+                # grad_w'_g += grad_out_g (C_out/g, pixels) @ columns_g (pixels, K*C/g): a batch over groups.
+                grad_out_i = out_rows[tile.batch_start + i, :, first:first + pixels].reshape(groups, per_group, pixels)
+                columns_i = columns[i].reshape(pixels, groups, layout.width).transpose(1, 0, 2)[:, :, :layout.used]
+                matmul(grad_out_i, columns_i, grad_w, accumulate=wrote_weight, allow_tf32=allow_tf32)
+                wrote_weight = True
             del columns
-        if grad_x is None and not want_coord:
+        if not want.grad_columns:
             continue
-        grad_columns = cupy.matmul(wmat.transpose(0, 2, 1), go)  # (groups, C/groups * K, span)
-        geometry = launch.geometry_args(tile, *strides)
-        if grad_x is not None:
-            launch.run("col2im", rows * span, grad_columns, offset, *mask_args, grad_x, *geometry)
-        if want_coord:
-            launch.run("col2im_coord", geom.offset_groups * geom.kernel_points * span, grad_columns, x, offset,
-                       *mask_args,
-                       offset if grad_offset is None else grad_offset, launch.index(grad_offset is not None),
-                       offset if grad_mask is None else grad_mask, launch.index(grad_mask is not None),
-                       *geometry)
+        columns = _grad_columns(geom, pixels)
+        grad_columns = cupy.empty((tile.images, pixels, grad_row), dtype=launch.dtype)
+        for g in range(groups):
+            # grad_columns_g (pixels, K*C/g) = grad_out_g^T (pixels, C_out/g) @ weight'_g (C_out/g, K*C/g)
+            grad_out_g = out_rows[tile.batch, g * per_group:(g + 1) * per_group, first:first + pixels]
+            weight_g = cupy.broadcast_to(packed[g, :, :layout.samples], (tile.images, per_group, layout.samples))
+            matmul(grad_out_g.transpose(0, 2, 1), weight_g,
+                   grad_columns[:, :, g * layout.samples:(g + 1) * layout.samples], allow_tf32=allow_tf32)
+        sampling = launch.sampling_args(tile, columns)
+        if want.offset or want.mask or want.atomic_x:
+            launch.run_samples("sample_backward", tile, grad_columns, x_nhwc, offset, *mask_args,
+                               grad_x if want.atomic_x else _nothing(launch), launch.index(want.atomic_x),
+                               offset if grad_offset is None else grad_offset, launch.index(want.offset),
+                               offset if grad_mask is None else grad_mask, launch.index(want.mask), *sampling)
+        if want.x and want.deterministic:
+            _gather_grad_x(launch, tile, offset, mask_args, grad_columns, grad_x, sampling)
+    return wrote_weight
+
+
+def _nothing(launch: _Launch):
+    """A one-element accumulator for a kernel's pointer argument it will not touch."""
+    return cupy.empty((1,), dtype=launch.acc)
+
+
+def _gather_grad_x(launch: _Launch, tile: Tile, offset, mask_args: tuple, grad_columns, grad_x, sampling: tuple):
+    """Add the tile's contributions to ``grad_x`` (NHWC) pixel by pixel, in sample order: no atomics."""
+    geom = launch.geom
+    entries = 4 * launch.samples(tile)
+    if entries == 0:
+        return
+    keys = cupy.empty((entries,), dtype=launch.index)
+    coefficients = cupy.empty((entries,), dtype=launch.acc)
+    launch.run_items("gather_keys", launch.samples(tile), offset, *mask_args, keys, coefficients, *sampling)
+    order = cupy.argsort(keys)  # CuPy's sort is stable: each pixel's entries stay in sample order
+    targets = tile.images * geom.offset_groups * geom.height * geom.width
+    starts = cupy.searchsorted(keys[order], cupy.arange(targets + 1, dtype=launch.index))
+    items = targets * (geom.channels_per_offset_group // launch.vector)
+    launch.run_items("gather", items, launch.index(items), starts, order, coefficients, grad_columns, grad_x,
+                     *sampling, vector=launch.vector)

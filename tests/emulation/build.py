@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from deformcp.backends.cuda_kernels import INDEX_TYPES, SCALAR_TYPES
+from deformcp.backends.cuda_kernels import STAGES, name_expressions
 
 EMULATION_DIR = Path(__file__).resolve().parent
 _HELPER_FILES = ("cuda_emulation.h", "cuda_fp16.h", "cuda_bf16.h", "launcher.h")
@@ -37,9 +37,12 @@ def compiler() -> Optional[str]:
 
 
 def template_instances(expression: str) -> List[str]:
-    """Every instance of the template that ``expression`` (e.g. ``k<float, int>``) instantiates."""
+    """Every instance of the kernel template that ``expression`` (e.g. ``k<float, int>``) instantiates."""
     template = expression.split("<", 1)[0].strip()
-    return [f"{template}<{scalar}, {index}>" for scalar in SCALAR_TYPES.values() for index in INDEX_TYPES.values()]
+    for stage, (_, kernel) in STAGES.items():
+        if kernel == template:
+            return name_expressions(stage)
+    raise ValueError(f"{expression} is an instance of no stage's kernel")
 
 
 def _entry_table(expressions: Sequence[str]) -> str:
@@ -47,7 +50,8 @@ def _entry_table(expressions: Sequence[str]) -> str:
     for e in expressions:
         entries.append(
             f'    {{"{e}",\n'
-            f"     [](const unsigned* g, const unsigned* b, void** a) {{ emulation::launch(&{e}, g, b, a); }},\n"
+            f"     [](const unsigned* g, const unsigned* b, void** a, unsigned long long s) {{\n"
+            f"         return emulation::launch(&{e}, g, b, a, s); }},\n"
             f"     [](int* s, int* es, int c) {{ return emulation::describe(&{e}, s, es, c); }}}},"
         )
     return (
@@ -60,9 +64,9 @@ def _entry_table(expressions: Sequence[str]) -> str:
         "    return -1;\n}\n\n"
         'extern "C" int deformcp_emulated_describe(int entry, int* sizes, int* element_sizes, int capacity) {\n'
         "    return deformcp_entries[entry].describe(sizes, element_sizes, capacity);\n}\n\n"
-        'extern "C" void deformcp_emulated_launch(int entry, const unsigned* grid, const unsigned* block,'
-        " void** args) {\n"
-        "    deformcp_entries[entry].launch(grid, block, args);\n}\n"
+        'extern "C" int deformcp_emulated_launch(int entry, const unsigned* grid, const unsigned* block,'
+        " void** args, unsigned long long seed) {\n"
+        "    return deformcp_entries[entry].launch(grid, block, args, seed);\n}\n"
     )
 
 
@@ -128,9 +132,12 @@ class EmulatedLibrary:
         self._lib.deformcp_emulated_describe.restype = ctypes.c_int
         self._lib.deformcp_emulated_describe.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int),
                                                          ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-        self._lib.deformcp_emulated_launch.restype = None
+        self._lib.deformcp_emulated_launch.restype = ctypes.c_int
         self._lib.deformcp_emulated_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint),
-                                                       ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
+                                                       ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
+                                                       ctypes.c_ulonglong]
+        self._lib.deformcp_emulated_last_error.restype = ctypes.c_char_p
+        self._lib.deformcp_emulated_last_error.argtypes = []
 
     def find(self, expression: str) -> int:
         """Index of an instance, or -1."""
@@ -144,9 +151,16 @@ class EmulatedLibrary:
         assert count >= 0, "kernel has more parameters than MAX_PARAMETERS"
         return list(sizes[:count]), list(element_sizes[:count])
 
-    def launch(self, entry: int, grid: Tuple[int, int, int], block: Tuple[int, int, int], args) -> None:
-        """Run a kernel; ``args`` is a ``void*`` array pointing at each argument's value."""
-        self._lib.deformcp_emulated_launch(entry, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), args)
+    def launch(self, entry: int, grid: Tuple[int, int, int], block: Tuple[int, int, int], args, seed: int = 0) -> None:
+        """Run a kernel; ``args`` is a ``void*`` array pointing at each argument's value.
+
+        ``seed`` shuffles the order of the blocks, and of the threads of a block between
+        barriers (0: natural order).  A misused ``__syncthreads()`` raises RuntimeError.
+        """
+        status = self._lib.deformcp_emulated_launch(entry, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
+                                                    args, seed)
+        if status != 0:
+            raise RuntimeError(f"emulated launch failed: {self._lib.deformcp_emulated_last_error().decode()}")
 
     def convert(self, function: str, values, out):
         """Run one of the exported 16-bit conversions over contiguous NumPy arrays."""

@@ -1,12 +1,14 @@
-// A single-threaded CPU stand-in for the parts of CUDA that kernels/*.cu use, so
-// that g++ compiles the very kernel sources NVRTC compiles and the tests can run
-// them against the NumPy oracle on a machine without a GPU.
+// A CPU stand-in for the parts of CUDA that kernels/*.cu use, so that g++
+// compiles the very kernel sources NVRTC compiles and the tests can run them
+// against the NumPy oracle on a machine without a GPU.
 //
-// A "launch" (launcher.h) runs every thread of every block one after another,
-// setting threadIdx/blockIdx here.  That is faithful for kernels without shared
-// memory or __syncthreads, which the kernels do not use; if they ever do, the
-// launcher must run the threads of a block as coroutines or real threads.
-// atomicAdd is a plain add: with one thread at a time nothing races.
+// A "launch" (launcher.h) runs the blocks one after another in a shuffled order,
+// and the threads of a block as fibers on one OS thread, switching at
+// __syncthreads(); threadIdx/blockIdx are set here for the running thread.
+// Shared memory is declared with DCN_SHARED(type, name) (deform_common.cuh maps
+// it to __shared__ for NVRTC); here it is one buffer per block, poisoned with
+// 0xff bytes when the block starts.  atomicAdd is a plain add: only one thread
+// runs at a time, and it never yields inside an addition.
 #pragma once
 
 #include <cmath>
@@ -17,12 +19,39 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
+
+// __syncthreads() with its call site, so that the launcher can check that every thread
+// of a block waits at the same barrier (launcher.h defines it).
+void emulation_sync_threads(const char* file, int line);
+#define __syncthreads() emulation_sync_threads(__FILE__, __LINE__)
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emulation {
+
+// Counts the blocks run on this OS thread; shared memory is poisoned when it changes.
+inline thread_local unsigned long long block_generation = 0;
+
+// The block's instance of one DCN_SHARED variable (one per type and source line).
+template <typename T, int Line>
+T& block_shared() {
+    alignas(16) static thread_local unsigned char storage[sizeof(T)];
+    static thread_local unsigned long long generation = 0;
+    if (generation != block_generation) {
+        std::memset(storage, 0xff, sizeof storage);
+        generation = block_generation;
+    }
+    return *reinterpret_cast<T*>(storage);
+}
+
+}  // namespace emulation
+
+#define DCN_SHARED(type, name) type& name = ::emulation::block_shared<type, __LINE__>()
 
 using std::floor;
 using std::isnan;

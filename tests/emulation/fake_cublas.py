@@ -103,7 +103,7 @@ def _allocation_at(pointer: int, what: str) -> np.ndarray:
     for start, ref in list(_allocations.items()):
         owner = ref()
         if owner is None:
-            del _allocations[start]
+            _allocations.pop(start, None)
         elif start <= pointer < start + max(owner.nbytes, 1):
             return owner
     raise CublasError(f"{what}: pointer {pointer:#x} is in no live device array")

@@ -10,7 +10,13 @@ CuPy where CuPy would fail silently on a GPU:
   parameter's exact size (CuPy passes a Python int as ``long long`` whatever the kernel
   takes, which corrupts the arguments after it);
 * a launch needs a non-empty grid and block, as CUDA does;
-* ``empty`` fills with NaN, so an output element a kernel fails to write shows up.
+* ``empty`` fills with NaN, so an output element a kernel fails to write shows up;
+* launches run their blocks, and the threads of a block between barriers, in a shuffled
+  order (:data:`SCHEDULE_SEED`; see ``launcher.h``), so a result that depends on the
+  schedule changes from run to run;
+* cuBLAS (``cupy_backends.cuda.libs.cublas``, through ``ndarray.data.ptr``) is
+  :mod:`fake_cublas`, which checks every product's pointers, leading dimensions, strides
+  and types and computes it with NumPy.
 
 For the interop layer and the JAX adapter it also has what they use of CuPy 14.2 around
 the arrays, as strictly: ``__version__`` (:data:`VERSION`; :func:`pretending` answers as
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import itertools
 import sys
 import types
 import warnings
@@ -36,15 +43,18 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
-from . import build
+from . import build, fake_cublas
 
 MULTIPROCESSORS = 2
+DEVICE_MEMORY = 16 * 2**30  # what the pretend device says it has (the GPU workspace default follows it)
 # The CuPy version the stand-in answers as, unless a test is :func:`pretending` to be another.
 VERSION = "14.2.0"
 
 
 class ndarray(np.ndarray):
-    """A NumPy array that says which (pretend) device it lives on."""
+    """A NumPy array that says which (pretend) device it lives on, and where (``data.ptr``, for cuBLAS)."""
+
+    data = property(fake_cublas.memory_pointer)
 
     @property
     def device(self) -> "Device":
@@ -237,6 +247,23 @@ def matmul(a, b) -> ndarray:
     return _wrap(np.matmul(a, b))
 
 
+def broadcast_to(array, shape) -> ndarray:
+    return _wrap(np.broadcast_to(array, shape, subok=True))
+
+
+def argsort(array) -> ndarray:
+    """``cupy.argsort``: always a stable sort (CuPy's only kind), int64 indices."""
+    return _wrap(np.argsort(array, kind="stable").astype(np.int64))
+
+
+def searchsorted(sorted_values, values) -> ndarray:
+    return _wrap(np.searchsorted(sorted_values, values).astype(np.int64))
+
+
+def arange(*args, dtype=None) -> ndarray:
+    return _wrap(np.arange(*args, dtype=dtype))
+
+
 @dataclass
 class Launch:
     """One recorded kernel launch."""
@@ -244,10 +271,14 @@ class Launch:
     name: str
     grid: tuple
     block: tuple
-    work_items: int
+    seed: int  # the emulation's schedule: order of the blocks, and of threads between barriers
 
 
 launches: List[Launch] = []
+# Launches run their blocks, and the threads of a block between barriers, in an order drawn
+# from SCHEDULE_SEED and the launch's number (0: the natural order, every launch).
+SCHEDULE_SEED = 1
+_launch_numbers = itertools.count()
 
 
 class RawKernel:
@@ -275,8 +306,9 @@ class RawKernel:
             value = _argument(self.name, i, arg, size, element_size)
             keep.append(value)
             pointers[i] = ctypes.cast(ctypes.pointer(value), ctypes.c_void_p)
-        launches.append(Launch(self.name, grid, block, int(args[0])))
-        self._library.launch(self._entry, grid, block, pointers)
+        seed = 0 if SCHEDULE_SEED == 0 else hash((SCHEDULE_SEED, next(_launch_numbers))) % 2**64 or 1
+        launches.append(Launch(self.name, grid, block, seed))
+        self._library.launch(self._entry, grid, block, pointers, seed)
 
 
 def _dims(dims, what: str) -> tuple:
@@ -325,7 +357,7 @@ class RawModule:
 
 def _device_properties(device: int) -> dict:
     Device(device)
-    return {"multiProcessorCount": MULTIPROCESSORS, "name": "CPU emulation"}
+    return {"multiProcessorCount": MULTIPROCESSORS, "totalGlobalMem": DEVICE_MEMORY, "name": "CPU emulation"}
 
 
 def module() -> types.ModuleType:
@@ -333,8 +365,8 @@ def module() -> types.ModuleType:
     fake = types.ModuleType("cupy")
     fake.__dict__.update(
         __version__=VERSION, ndarray=ndarray, asarray=asarray, empty=empty, zeros=zeros,
-        ascontiguousarray=ascontiguousarray, matmul=matmul, from_dlpack=from_dlpack, RawModule=RawModule,
-        RawKernel=RawKernel,
+        ascontiguousarray=ascontiguousarray, matmul=matmul, broadcast_to=broadcast_to, argsort=argsort,
+        searchsorted=searchsorted, arange=arange, from_dlpack=from_dlpack, RawModule=RawModule, RawKernel=RawKernel,
         cuda=types.SimpleNamespace(
             Device=Device, is_available=lambda: True, Stream=Stream, ExternalStream=ExternalStream,
             get_current_stream=get_current_stream, using_allocator=using_allocator,
@@ -354,15 +386,17 @@ def installed() -> Iterator[types.ModuleType]:
     from deformcp import backends
     from deformcp.backends import cuda_kernels
 
-    names = ("cupy", "deformcp.backends.cupy_backend")
+    names = ("cupy", "deformcp.backends.cupy_backend", "deformcp.backends.cublas_products")
     saved = {name: sys.modules.get(name) for name in names}
     had_attribute = hasattr(backends, "cupy_backend")
     saved_attribute = getattr(backends, "cupy_backend", None)
     sys.modules["cupy"] = module()
     sys.modules.pop("deformcp.backends.cupy_backend", None)
+    sys.modules.pop("deformcp.backends.cublas_products", None)
     cuda_kernels.get_kernel.cache_clear()
     try:
-        yield importlib.import_module("deformcp.backends.cupy_backend")
+        with fake_cublas.installed():  # cupy.cuda.{device,runtime} and cupy_backends' cuBLAS binding
+            yield importlib.import_module("deformcp.backends.cupy_backend")
     finally:
         cuda_kernels.get_kernel.cache_clear()
         for name, value in saved.items():
