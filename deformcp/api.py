@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Tuple
 
+import numpy as np
+
 from . import interop
 from .backends import backend_for_device
 from .dtypes import common_dtype, compute_dtype
@@ -71,7 +73,7 @@ def _conv_geometry(stride, padding, dilation):
 
 
 def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, padding: Padding = 0,
-                  dilation: IntPair = 1):
+                  dilation: IntPair = 1, allow_tf32: bool = False):
     """Deformable 2-D convolution (DCNv1, or DCNv2 when ``mask`` is given).
 
     Each output pixel samples the input at the kernel's points displaced by
@@ -100,6 +102,11 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     stride, dilation : int or (int, int), keyword-only
     padding : int, (int, int) or (int, int, int, int), keyword-only
         Zero padding: all sides, ``(h, w)``, or ``(top, left, bottom, right)`` (ONNX order).
+    allow_tf32 : bool, keyword-only
+        On a GPU, let float32 products run on tensor cores in TF32 (operands rounded to a
+        10-bit mantissa, float32 accumulation): faster, and about 1e-3 relative error
+        instead of float32's.  Off by default, as in PyTorch; no effect on the CPU or for
+        other dtypes (docs/semantics.md, section 10).
 
     Returns
     -------
@@ -129,15 +136,17 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     >>> deformcp.deform_conv2d(x, offset, None, w, padding=1).shape
     (1, 6, 8, 8)
     """
+    allow_tf32 = _checked_flag(allow_tf32, "allow_tf32")
     with _prepared(_conv_geometry(stride, padding, dilation),
                    x=x, offset=offset, mask=mask, weight=weight, bias=bias) as (call, geom, cdt, backend):
         a = call.arrays
-        return call.back(backend.forward(geom, cdt, *(a[name] for name in INPUT_NAMES)))
+        return call.back(backend.forward(geom, cdt, *(a[name] for name in INPUT_NAMES), allow_tf32=allow_tf32))
 
 
 def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stride: IntPair = 1,
                            padding: Padding = 0, dilation: IntPair = 1,
-                           wrt: Iterable[str] = INPUT_NAMES) -> Gradients:
+                           wrt: Iterable[str] = INPUT_NAMES, deterministic: Optional[bool] = None,
+                           allow_tf32: bool = False) -> Gradients:
     """Gradients of :func:`deform_conv2d` with respect to all five inputs.
 
     Parameters
@@ -149,6 +158,15 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
     wrt : iterable of str, keyword-only
         Which gradients to compute, among ``"x", "offset", "mask", "weight", "bias"``
         (default: all).  Work that only the others need is skipped.
+    deterministic : bool or None, keyword-only
+        ``True``: bitwise identical results from run to run, whatever the tiling or the
+        GPU's scheduling; on a GPU ``grad_x`` is then gathered pixel by pixel in a fixed
+        order instead of added up with atomics (slower; docs/cuda.md).  ``None`` (default)
+        or ``False``: the backend's fastest way, on a GPU atomics, whose rounding of
+        ``grad_x`` can differ between runs.  The CPU backend is always deterministic, and
+        every other gradient is deterministic on both.
+    allow_tf32 : bool, keyword-only
+        As for :func:`deform_conv2d`: TF32 products for float32 on a GPU.
 
     Returns
     -------
@@ -170,6 +188,9 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
     ``py = -1`` and ``px = -1`` (see ``docs/semantics.md``).
     """
     wanted = frozenset(_checked_wrt(wrt))
+    if deterministic is not None:
+        deterministic = _checked_flag(deterministic, "deterministic", "True, False or None")
+    allow_tf32 = _checked_flag(allow_tf32, "allow_tf32")
     with _prepared(_conv_geometry(stride, padding, dilation), grad_out=grad_out,
                    x=x, offset=offset, mask=mask, weight=weight, bias=bias) as (call, geom, cdt, backend):
         a = call.arrays
@@ -179,8 +200,16 @@ def deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, *, stri
             wanted -= {"mask"}
         if bias is None:
             wanted -= {"bias"}
-        grads = backend.backward(geom, cdt, a["grad_out"], *(a[name] for name in INPUT_NAMES[:4]), wanted)
+        grads = backend.backward(geom, cdt, a["grad_out"], *(a[name] for name in INPUT_NAMES[:4]), wanted,
+                                 deterministic=deterministic, allow_tf32=allow_tf32)
         return Gradients(*(call.back(grads.get(name)) for name in INPUT_NAMES))
+
+
+def _checked_flag(value, name: str, choices: str = "True or False") -> bool:
+    # bool or NumPy's bool only: a string or a number would be a slip, not a choice.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {choices}, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def _checked_wrt(wrt) -> list:

@@ -9,7 +9,6 @@ import zlib
 import numpy as np
 import pytest
 
-import deformcp
 from deformcp import workspace
 
 # JAX takes 75% of a GPU's memory when its backend starts, which starves CuPy and PyTorch in
@@ -21,6 +20,20 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test's id: fresh inputs per test, reproducible from run to run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated():
+    """The CuPy backend with CuPy and cuBLAS played by tests/emulation, its kernels run on the CPU.
+
+    Skipped, saying why, without a C++ compiler to build the kernel emulation.
+    """
+    from emulation import build, fake_cupy
+
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX): the kernel emulation cannot be built")
+    with fake_cupy.installed() as backend:
+        yield backend
 
 
 @pytest.fixture(autouse=True)

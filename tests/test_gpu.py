@@ -44,8 +44,8 @@ if cupy is not None:
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 
 
-def _outputs(problem, wrt=backend_check.ALL) -> dict:
-    return backend_check.backend_outputs(cupy_backend, problem, cupy.asarray, cupy.asnumpy, wrt)
+def _outputs(problem, wrt=backend_check.ALL, **backward_options) -> dict:
+    return backend_check.backend_outputs(cupy_backend, problem, cupy.asarray, cupy.asnumpy, wrt, **backward_options)
 
 
 class _LaunchSpy:
@@ -234,3 +234,124 @@ def test_past_2_to_the_31_elements(monkeypatch):
     got, want = np.concatenate(got), np.concatenate(want)
     assert relative_error(got, want) <= tolerance
     assert int(cupy.count_nonzero(grad_x)) == int(np.count_nonzero(got))
+
+
+# --- the speed design (issue 11): tensor cores, TF32, the deterministic grad_x, memory --------
+
+# 64 channels a group (8 vectors of the half types: 8 lanes a sample), two groups of each kind.
+WIDE = Spec(batch=2, in_channels=128, height=12, width=10, out_channels=32, kernel=(3, 3), groups=2, offset_groups=2,
+            padding=(1, 1, 1, 1))
+
+
+class _ProductSpy:
+    """Wraps the cuBLAS binding that ``cublas_products`` calls, recording types and stream of each product."""
+
+    def __init__(self, monkeypatch):
+        from deformcp.backends import cublas_products
+
+        self.calls = []
+        real = cublas_products.cublas.gemmStridedBatchedEx
+
+        def gemm(*args):
+            # (handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB,
+            #  beta, C, Ctype, ldc, strideC, batchCount, computeType, algo)
+            self.calls.append({"a": args[8], "b": args[12], "c": args[17], "compute": args[21],
+                               "stream": cupy.cuda.get_current_stream().ptr})
+            return real(*args)
+
+        monkeypatch.setattr(cublas_products.cublas, "gemmStridedBatchedEx", gemm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_products_take_the_operands_type_and_float32_compute(dtype, monkeypatch):
+    from cupy_backends.cuda.libs import cublas
+
+    problem = make_problem(WIDE, np.random.default_rng(31), dtype)
+    spy = _ProductSpy(monkeypatch)
+    launches = _LaunchSpy(monkeypatch)
+    actual = _outputs(problem)
+    backend_check.assert_outputs_close(actual, backend_check.numpy_twin_outputs(problem), dtype)
+    data_type = {"float16": cupy.cuda.runtime.CUDA_R_16F, "bfloat16": cupy.cuda.runtime.CUDA_R_16BF,
+                 "float32": cupy.cuda.runtime.CUDA_R_32F, "float64": cupy.cuda.runtime.CUDA_R_64F}[dtype.name]
+    compute = cublas.CUBLAS_COMPUTE_64F if dtype.name == "float64" else cublas.CUBLAS_COMPUTE_32F
+    assert spy.calls
+    for call in spy.calls:
+        assert (call["a"], call["b"], call["compute"]) == (data_type, data_type, compute), call
+    assert {stage for stage, *_ in launches.launches} == {"sample", "sample_backward"}
+
+
+def test_tf32_only_on_request(monkeypatch):
+    from cupy_backends.cuda.libs import cublas
+
+    problem = make_problem(WIDE, np.random.default_rng(32), np.float32)
+    expected = backend_check.numpy_twin_outputs(problem)["forward"]
+    geom, cdt = WIDE.geometry, np.dtype(np.float32)
+    arrays = [cupy.asarray(a) for a in problem.inputs]
+    spy = _ProductSpy(monkeypatch)
+    strict = cupy.asnumpy(cupy_backend.forward(geom, cdt, *arrays))
+    fast = cupy.asnumpy(cupy_backend.forward(geom, cdt, *arrays, allow_tf32=True))
+    assert [c["compute"] for c in spy.calls] == [cublas.CUBLAS_COMPUTE_32F] * 2 + [cublas.CUBLAS_COMPUTE_32F_FAST_TF32] * 2
+    assert relative_error(strict, expected) <= TOLERANCE["float32"]
+    error = relative_error(fast, expected)
+    assert error <= 3e-3
+    if int(cupy.cuda.Device().compute_capability) >= 80:  # TF32 tensor cores exist from Ampere on
+        assert error > 1e-6, f"TF32 was asked for, yet the error {error:.3g} is float32's"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_deterministic_grad_x_is_bitwise_identical(dtype):
+    problem = make_problem(WIDE, np.random.default_rng(33), dtype)
+    runs = [_outputs(problem, frozenset({"x"}), deterministic=True)["grad_x"] for _ in range(2)]
+    with deformcp.workspace_limit(200_000):  # bands of rows: other tiles, other launches
+        runs.append(_outputs(problem, frozenset({"x"}), deterministic=True)["grad_x"])
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.view(np.uint8), runs[0].view(np.uint8))
+    backend_check.assert_outputs_close({"grad_x": runs[0]},
+                                       {"grad_x": backend_check.numpy_twin_outputs(problem)["grad_x"]}, dtype)
+    atomic = _outputs(problem, frozenset({"x"}))["grad_x"]
+    assert relative_error(atomic, runs[0]) <= TOLERANCE[dtype.name]
+
+
+def test_products_run_on_the_current_stream(monkeypatch):
+    problem = make_problem(WIDE, np.random.default_rng(34), np.float16)
+    spy = _ProductSpy(monkeypatch)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        _outputs(problem)
+    stream.synchronize()
+    assert spy.calls and {c["stream"] for c in spy.calls} == {stream.ptr}
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
+def test_peak_memory_no_higher_than_torchvision(torchvision_cuda, dtype_name):
+    """Forward and backward of one layer, all five gradients: deformcp allocates through PyTorch's
+    allocator for PyTorch tensors, so one peak counter measures both."""
+    torch, torchvision = torchvision_cuda
+    spec = Spec(batch=4, in_channels=64, height=32, width=32, out_channels=64, kernel=(3, 3), offset_groups=1,
+                padding=(1, 1, 1, 1))
+    problem = make_problem(spec, np.random.default_rng(35), np.float32)
+    dtype = getattr(torch, dtype_name)
+    tensors = [None if a is None else torch.tensor(a, device="cuda", dtype=dtype) for a in problem.inputs]
+    grad_out = torch.tensor(problem.grad_out, device="cuda", dtype=dtype)
+    x, offset, mask, weight, bias = tensors
+
+    def peak(run) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def theirs():
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        y = torchvision.ops.deform_conv2d(leaves[0], leaves[1], leaves[3], leaves[4], padding=(1, 1), mask=leaves[2])
+        y.backward(grad_out)
+
+    def ours():
+        deformcp.deform_conv2d(x, offset, mask, weight, bias, padding=1)
+        deformcp.deform_conv2d_backward(grad_out, x, offset, mask, weight, bias, padding=1)
+
+    theirs_bytes, ours_bytes = peak(theirs), peak(ours)
+    assert ours_bytes <= theirs_bytes, f"deformcp peaks at {ours_bytes} bytes, torchvision at {theirs_bytes}"

@@ -26,15 +26,6 @@ from problems import TOLERANCE, Spec, make_problem, relative_error, specs
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    """The CuPy backend, running the kernels through the CPU emulation."""
-    if build.compiler() is None:
-        pytest.skip("no C++ compiler (g++ or $CXX): the kernel emulation cannot be built")
-    with fake_cupy.installed() as backend:
-        yield backend
-
-
 def _outputs(backend, problem, wrt=backend_check.ALL, **backward_options) -> dict:
     return backend_check.backend_outputs(backend, problem, fake_cupy.asarray, np.asarray, wrt, **backward_options)
 
@@ -42,22 +33,22 @@ def _outputs(backend, problem, wrt=backend_check.ALL, **backward_options) -> dic
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=specs(), seed=st.integers(0, 2**32 - 1))
-def test_kernels_match_numpy_backend(gpu, dtype, spec, seed):
+def test_kernels_match_numpy_backend(cuda_emulated, dtype, spec, seed):
     problem = make_problem(spec, np.random.default_rng(seed), dtype)
-    actual = _outputs(gpu, problem)
+    actual = _outputs(cuda_emulated, problem)
     assert set(actual) == backend_check.expected_keys(problem)
     backend_check.assert_outputs_close(actual, backend_check.numpy_twin_outputs(problem), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-def test_64_bit_index_instances(gpu, dtype, monkeypatch):
+def test_64_bit_index_instances(cuda_emulated, dtype, monkeypatch):
     spec = Spec(batch=2, in_channels=4, height=7, width=6, out_channels=6, kernel=(3, 2), groups=2, offset_groups=2,
                 stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2))
     problem = make_problem(spec, np.random.default_rng(7), dtype)
-    narrow = _outputs(gpu, problem, deterministic=True)
+    narrow = _outputs(cuda_emulated, problem, deterministic=True)
     fake_cupy.launches.clear()
-    monkeypatch.setattr(gpu, "_MIN_INDEX_BITS", 64)
-    wide = _outputs(gpu, problem, deterministic=True)
+    monkeypatch.setattr(cuda_emulated, "_MIN_INDEX_BITS", 64)
+    wide = _outputs(cuda_emulated, problem, deterministic=True)
     names = {launch.name for launch in fake_cupy.launches}
     assert len(names) == 4 and all(", long long" in name for name in names), names
     for name in narrow:
@@ -65,10 +56,10 @@ def test_64_bit_index_instances(gpu, dtype, monkeypatch):
     backend_check.assert_outputs_close(wide, backend_check.numpy_twin_outputs(problem), dtype)
 
 
-def test_index_width_follows_element_counts(gpu):
+def test_index_width_follows_element_counts(cuda_emulated):
     geom = Spec(batch=1).geometry
-    launch = gpu._Launch(geom, np.dtype(np.float32), fake_cupy.zeros(geom.x_shape, np.float32))
-    headroom = launch.max_blocks * gpu._THREADS_PER_BLOCK
+    launch = cuda_emulated._Launch(geom, np.dtype(np.float32), fake_cupy.zeros(geom.x_shape, np.float32))
+    headroom = launch.max_blocks * cuda_emulated._THREADS_PER_BLOCK
     launch.choose_index_width(10, 2**31 - 1 - headroom)
     assert launch.index_bits == 32
     launch.choose_index_width(2**31 - headroom)
@@ -76,7 +67,7 @@ def test_index_width_follows_element_counts(gpu):
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float16)], ids=lambda d: d.name)
-def test_tiles_of_images_and_of_rows(gpu, dtype):
+def test_tiles_of_images_and_of_rows(cuda_emulated, dtype):
     spec = Spec(batch=3, in_channels=4, height=9, width=7, out_channels=4, kernel=(3, 3), offset_groups=2,
                 padding=(1, 2, 0, 1))
     problem = make_problem(spec, np.random.default_rng(3), dtype)
@@ -85,16 +76,16 @@ def test_tiles_of_images_and_of_rows(gpu, dtype):
     for limit in (6000, 1500):
         fake_cupy.launches.clear()
         with workspace_limit(limit):
-            actual = _outputs(gpu, problem)
+            actual = _outputs(cuda_emulated, problem)
         sample_launches = sum(1 for launch in fake_cupy.launches if "deform_sample_kernel" in launch.name)
         assert sample_launches > 3, f"limit {limit}: expected several tiles, got {sample_launches} sample launches"
         backend_check.assert_outputs_close(actual, expected, dtype)
 
 
-def test_empty_batch_launches_nothing(gpu):
+def test_empty_batch_launches_nothing(cuda_emulated):
     problem = make_problem(Spec(batch=0), np.random.default_rng(1), np.float32)
     fake_cupy.launches.clear()
-    actual = _outputs(gpu, problem)
+    actual = _outputs(cuda_emulated, problem)
     assert fake_cupy.launches == []
     assert actual["forward"].shape == (0, 4, 6, 5)
     assert actual["grad_x"].shape == problem.x.shape
@@ -103,21 +94,21 @@ def test_empty_batch_launches_nothing(gpu):
 
 
 @pytest.mark.parametrize("name", INPUT_NAMES)
-def test_each_gradient_alone(gpu, name):
+def test_each_gradient_alone(cuda_emulated, name):
     problem = make_problem(Spec(offset_groups=2, groups=2), np.random.default_rng(11), np.float64)
-    everything = _outputs(gpu, problem, deterministic=True)
-    alone = _outputs(gpu, problem, frozenset({name}), deterministic=True)
+    everything = _outputs(cuda_emulated, problem, deterministic=True)
+    alone = _outputs(cuda_emulated, problem, frozenset({name}), deterministic=True)
     assert set(alone) == {"im2col", "forward", f"grad_{name}"}
     np.testing.assert_array_equal(alone[f"grad_{name}"], everything[f"grad_{name}"])
 
 
-def test_non_contiguous_inputs(gpu):
+def test_non_contiguous_inputs(cuda_emulated):
     problem = make_problem(Spec(groups=2, offset_groups=2), np.random.default_rng(5), np.float32)
-    contiguous = _outputs(gpu, problem, deterministic=True)
+    contiguous = _outputs(cuda_emulated, problem, deterministic=True)
     strided = type(problem)(problem.spec, *(None if a is None else np.asfortranarray(a)
                                              for a in (*problem.inputs, problem.grad_out)))
     assert not strided.x.flags.c_contiguous
-    actual = _outputs(gpu, strided, deterministic=True)
+    actual = _outputs(cuda_emulated, strided, deterministic=True)
     for name in contiguous:
         np.testing.assert_array_equal(actual[name], contiguous[name], err_msg=name)
 
@@ -145,9 +136,9 @@ def _special_values_problem(dtype) -> tuple:
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-def test_nan_and_infinity_rules(gpu, dtype):
+def test_nan_and_infinity_rules(cuda_emulated, dtype):
     problem = _special_values_problem(dtype)
-    actual = _outputs(gpu, problem)
+    actual = _outputs(cuda_emulated, problem)
     expected = backend_check.numpy_twin_outputs(problem)
     tolerance = TOLERANCE[np.dtype(dtype).name]
     for name, value in expected.items():
@@ -169,7 +160,7 @@ def test_nan_and_infinity_rules(gpu, dtype):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns on the overflowing and NaN casts
-def test_emulated_16_bit_conversions_round_to_nearest_even(gpu):
+def test_emulated_16_bit_conversions_round_to_nearest_even(cuda_emulated):
     library = build.load(cuda_kernels.kernel_source("sample"), tuple(cuda_kernels.name_expressions("sample")))
     bits = np.arange(2**16, dtype=np.uint16)
     rng = np.random.default_rng(0)
@@ -190,7 +181,7 @@ def test_emulated_16_bit_conversions_round_to_nearest_even(gpu):
         np.testing.assert_array_equal(narrowed.view(np.uint16)[~nan], reference.view(np.uint16)[~nan])
 
 
-def test_harness_rejects_arguments_cupy_would_mangle(gpu):
+def test_harness_rejects_arguments_cupy_would_mangle(cuda_emulated):
     kernel = cuda_kernels.get_kernel(0, "sample", "float32", 32)
     x = fake_cupy.zeros((1, 2, 2, 1), np.float32)
     geometry = [np.int32(1)] * 24
@@ -207,12 +198,12 @@ def test_harness_rejects_arguments_cupy_would_mangle(gpu):
         kernel((1,), (32,), good[:-1])
 
 
-def test_loader_compiles_each_instance_once(gpu):
+def test_loader_compiles_each_instance_once(cuda_emulated):
     cuda_kernels.get_kernel.cache_clear()
     problem = make_problem(Spec(), np.random.default_rng(4), np.float32)
-    _outputs(gpu, problem)
+    _outputs(cuda_emulated, problem)
     first = cuda_kernels.get_kernel.cache_info()
-    _outputs(gpu, problem)
+    _outputs(cuda_emulated, problem)
     second = cuda_kernels.get_kernel.cache_info()
     assert first.misses == 2  # sample (forward, im2col, weight gradient) and sample_backward
     assert second.misses == first.misses and second.hits > first.hits
@@ -220,9 +211,9 @@ def test_loader_compiles_each_instance_once(gpu):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("name, value, offset_kind", nonfinite_cases.CASES)
-def test_nonfinite_input_reaches_what_torchvision_reaches(gpu, name, value, offset_kind, rng):
+def test_nonfinite_input_reaches_what_torchvision_reaches(cuda_emulated, name, value, offset_kind, rng):
     spec = Spec(batch=2, in_channels=4, out_channels=4, height=5, width=6, groups=2, offset_groups=2)
     problem = nonfinite_cases.poisoned_problem(spec, name, value, offset_kind, rng)
-    outputs = _outputs(gpu, problem)
+    outputs = _outputs(cuda_emulated, problem)
     actual = dict(forward=outputs["forward"], **{n: outputs.get(f"grad_{n}") for n in INPUT_NAMES})
     nonfinite_cases.assert_same_patterns(actual, nonfinite_cases.oracle_outputs(problem), f"{name}={value}")

@@ -245,11 +245,10 @@ def forward(geom: ConvGeometry, acc: np.dtype, x, offset, mask, weight, bias, *,
             columns = cupy.empty((tile.images, pixels, layout.row), dtype=launch.dtype)
             _sample(launch, tile, x_nhwc, offset, mask, columns, layout.columns(geom, pixels),
                     layout.samples if bias is not None else -1)
-            for g in range(geom.groups):
-                weight_g = cupy.broadcast_to(packed[g, :, :layout.used], (tile.images, per_group, layout.used))
-                columns_g = columns[:, :, g * layout.width:g * layout.width + layout.used].transpose(0, 2, 1)
-                target = out_rows[tile.batch, g * per_group:(g + 1) * per_group, first:first + pixels]
-                matmul(weight_g, columns_g, target, allow_tf32=allow_tf32)
+            # out[image, group] (C_out/g, pixels) = weight'_g (C_out/g, used) @ columns[image, group]^T (used, pixels)
+            columns_t = columns.reshape(tile.images, pixels, geom.groups, layout.width)[..., :layout.used]
+            target = out_rows[tile.batch, :, first:first + pixels].reshape(tile.images, geom.groups, per_group, pixels)
+            _grouped_matmul(packed[None, :, :, :layout.used], columns_t.transpose(0, 2, 3, 1), target, allow_tf32)
     return out
 
 
@@ -375,12 +374,11 @@ def _backward_tiles(launch: _Launch, want: _Wanted, layout: _ProductLayout, grad
             continue
         columns = _grad_columns(geom, pixels)
         grad_columns = cupy.empty((tile.images, pixels, grad_row), dtype=launch.dtype)
-        for g in range(groups):
-            # grad_columns_g (pixels, K*C/g) = grad_out_g^T (pixels, C_out/g) @ weight'_g (C_out/g, K*C/g)
-            grad_out_g = out_rows[tile.batch, g * per_group:(g + 1) * per_group, first:first + pixels]
-            weight_g = cupy.broadcast_to(packed[g, :, :layout.samples], (tile.images, per_group, layout.samples))
-            matmul(grad_out_g.transpose(0, 2, 1), weight_g,
-                   grad_columns[:, :, g * layout.samples:(g + 1) * layout.samples], allow_tf32=allow_tf32)
+        # grad_columns[image, group] (pixels, K*C/g) = grad_out[image, group]^T (pixels, C_out/g) @ weight'_g
+        grad_out_t = out_rows[tile.batch, :, first:first + pixels].reshape(tile.images, groups, per_group, pixels)
+        _grouped_matmul(grad_out_t.transpose(0, 1, 3, 2), packed[None, :, :, :layout.samples],
+                        grad_columns.reshape(tile.images, pixels, groups, layout.samples).transpose(0, 2, 1, 3),
+                        allow_tf32)
         sampling = launch.sampling_args(tile, columns)
         if want.offset or want.mask or want.atomic_x:
             launch.run_samples("sample_backward", tile, grad_columns, x_nhwc, offset, *mask_args,
@@ -390,6 +388,22 @@ def _backward_tiles(launch: _Launch, want: _Wanted, layout: _ProductLayout, grad
         if want.x and want.deterministic:
             _gather_grad_x(launch, tile, offset, mask_args, grad_columns, grad_x, sampling)
     return wrote_weight
+
+
+def _grouped_matmul(a, b, out, allow_tf32: bool) -> None:
+    """``out[i, g] = a[i, g] @ b[i, g]`` for views of shape ``(images or 1, groups, rows, cols)``.
+
+    One cuBLAS call per group, batched over the images, or per image, batched over the
+    groups, whichever makes fewer calls (a depthwise convolution has many groups).  An
+    operand with one image is repeated over the images (the weight).
+    """
+    images, groups = out.shape[:2]
+    if groups <= images:
+        for g in range(groups):
+            matmul(a[:, g], b[:, g], out[:, g], allow_tf32=allow_tf32)
+    else:
+        for i in range(images):
+            matmul(a[min(i, a.shape[0] - 1)], b[min(i, b.shape[0] - 1)], out[i], allow_tf32=allow_tf32)
 
 
 def _nothing(launch: _Launch):

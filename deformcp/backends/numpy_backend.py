@@ -41,11 +41,14 @@ _CORNER_BLOCK_BYTES = 1 << 20
 
 
 @quiet
-def forward(geom: ConvGeometry, cdt: np.dtype, x, offset, mask, weight, bias) -> np.ndarray:
+def forward(geom: ConvGeometry, cdt: np.dtype, x, offset, mask, weight, bias, *,
+            allow_tf32: bool = False) -> np.ndarray:
     """Deformable convolution on NumPy arrays; see :func:`deformcp.deform_conv2d`.
 
     ``cdt`` is the compute dtype (:func:`deformcp.dtypes.compute_dtype` of the inputs' dtype);
     the result has ``x``'s dtype.  The other two functions take the same leading arguments.
+    ``allow_tf32`` is accepted for the backends' common signature and ignored: BLAS on the
+    CPU computes float32 in float32.
     """
     with tile_workers() as workers:
         tiling = Tiling(geom, cdt, workers, backward=False)
@@ -102,10 +105,13 @@ def im2col(geom: ConvGeometry, cdt: np.dtype, x, offset, mask) -> np.ndarray:
 
 
 @quiet
-def backward(geom: ConvGeometry, cdt: np.dtype, grad_out, x, offset, mask, weight, wrt: frozenset) -> dict:
+def backward(geom: ConvGeometry, cdt: np.dtype, grad_out, x, offset, mask, weight, wrt: frozenset, *,
+             deterministic: Optional[bool] = None, allow_tf32: bool = False) -> dict:
     """The gradients named in ``wrt`` on NumPy arrays; see :func:`deformcp.deform_conv2d_backward`.
 
     Returns a dict from input name (``x``, ``offset``, ``mask``, ``weight``, ``bias``) to its gradient.
+    ``deterministic`` and ``allow_tf32`` are accepted for the backends' common signature and
+    ignored: this backend is always deterministic (docs/cpu.md) and computes float32 in float32.
     """
     with tile_workers() as workers:
         grads = {}

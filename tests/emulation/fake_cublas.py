@@ -180,6 +180,21 @@ def _extent(view: np.ndarray) -> tuple:
     return first, last
 
 
+def _results_overlap(m: int, n: int, ldc: int, stride: int, batch: int) -> bool:
+    """Whether two of ``batch`` column-major m x n results, ``stride`` apart, share an element.
+
+    Result j holds the elements ``j*stride + c*ldc + r`` (0 <= r < m, 0 <= c < n), so results
+    ``d = k*stride`` apart share one exactly when ``|d - t*ldc| < m`` for some ``|t| < n``.
+    Interleaved results (a group's columns of a wider row) do not overlap.
+    """
+    for k in range(1, batch):
+        d = k * stride
+        nearest = min(max(round(d / ldc), -(n - 1)), n - 1)
+        if any(abs(d - t * ldc) < m for t in (nearest - 1, nearest, nearest + 1) if abs(t) < n):
+            return True
+    return False
+
+
 def _to_tf32(values: np.ndarray) -> np.ndarray:
     """float32 rounded to TF32's 10-bit mantissa (round to nearest even), as tensor cores read it."""
     bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
@@ -216,7 +231,7 @@ def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, 
     a = _matrices("A", A, Atype, rows_a, cols_a, lda, strides[0], batch)
     b = _matrices("B", B, Btype, rows_b, cols_b, ldb, strides[1], batch)
     c = _matrices("C", C, Ctype, m, n, ldc, strides[2], batch)
-    if batch > 1 and m and n and strides[2] < (n - 1) * ldc + m:
+    if m and n and _results_overlap(m, n, ldc, strides[2], batch):
         raise CublasError(f"gemmStridedBatchedEx: strideC {strides[2]} makes the {batch} results overlap")
     if m and n:
         c_first, c_last = _extent(c)

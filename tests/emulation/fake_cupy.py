@@ -247,10 +247,6 @@ def matmul(a, b) -> ndarray:
     return _wrap(np.matmul(a, b))
 
 
-def broadcast_to(array, shape) -> ndarray:
-    return _wrap(np.broadcast_to(array, shape, subok=True))
-
-
 def argsort(array) -> ndarray:
     """``cupy.argsort``: always a stable sort (CuPy's only kind), int64 indices."""
     return _wrap(np.argsort(array, kind="stable").astype(np.int64))
@@ -365,7 +361,7 @@ def module() -> types.ModuleType:
     fake = types.ModuleType("cupy")
     fake.__dict__.update(
         __version__=VERSION, ndarray=ndarray, asarray=asarray, empty=empty, zeros=zeros,
-        ascontiguousarray=ascontiguousarray, matmul=matmul, broadcast_to=broadcast_to, argsort=argsort,
+        ascontiguousarray=ascontiguousarray, matmul=matmul, argsort=argsort,
         searchsorted=searchsorted, arange=arange, from_dlpack=from_dlpack, RawModule=RawModule, RawKernel=RawKernel,
         cuda=types.SimpleNamespace(
             Device=Device, is_available=lambda: True, Stream=Stream, ExternalStream=ExternalStream,
