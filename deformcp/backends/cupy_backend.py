@@ -217,9 +217,10 @@ def _packed_weight(geom: ConvGeometry, weight, bias, layout: _ProductLayout):
     """
     groups, per_group = geom.groups, geom.out_channels_per_group
     packed = cupy.empty((groups, per_group, layout.width), dtype=weight.dtype)
-    # (C_out, C/g, kh, kw) -> (g, C_out/g, K, C/g): kernel point major, as the columns are.
-    packed[:, :, :layout.samples].reshape(groups, per_group, geom.kernel_points, geom.channels_per_group)[...] = \
-        weight.reshape(groups, per_group, geom.channels_per_group, geom.kernel_points).transpose(0, 1, 3, 2)
+    # (C_out, C/g, kh, kw) -> (g, C_out/g, K * C/g): kernel point major, as the columns are.  Only
+    # contiguous arrays are reshaped for a view that is written: a reshape may copy otherwise.
+    packed[:, :, :layout.samples] = weight.reshape(groups, per_group, geom.channels_per_group, geom.kernel_points) \
+        .transpose(0, 1, 3, 2).reshape(groups, per_group, layout.samples)
     if bias is not None:
         packed[:, :, layout.samples] = bias.reshape(groups, per_group)
     return packed
@@ -238,8 +239,8 @@ def forward(geom: ConvGeometry, acc: np.dtype, x, offset, mask, weight, bias, *,
         launch.choose_index_width(x_nhwc.size, offset.size,
                                   *(layout.row * t.images * _tile_pixels(geom, t) for t in tiles))
         packed = _packed_weight(geom, weight, bias, layout)
-        out_rows = out.reshape(geom.batch, geom.out_channels, geom.out_pixels)
-        per_group = geom.out_channels_per_group
+        # (B, groups, C_out/g, pixels): a view of the contiguous output, sliced per tile.
+        out_groups = out.reshape(geom.batch, geom.groups, geom.out_channels_per_group, geom.out_pixels)
         for tile in tiles:
             pixels, first = _tile_pixels(geom, tile), tile.row_start * geom.out_w
             columns = cupy.empty((tile.images, pixels, layout.row), dtype=launch.dtype)
@@ -247,7 +248,7 @@ def forward(geom: ConvGeometry, acc: np.dtype, x, offset, mask, weight, bias, *,
                     layout.samples if bias is not None else -1)
             # out[image, group] (C_out/g, pixels) = weight'_g (C_out/g, used) @ columns[image, group]^T (used, pixels)
             columns_t = columns.reshape(tile.images, pixels, geom.groups, layout.width)[..., :layout.used]
-            target = out_rows[tile.batch, :, first:first + pixels].reshape(tile.images, geom.groups, per_group, pixels)
+            target = out_groups[tile.batch, :, :, first:first + pixels]
             _grouped_matmul(packed[None, :, :, :layout.used], columns_t.transpose(0, 2, 3, 1), target, allow_tf32)
     return out
 
@@ -354,8 +355,8 @@ def _backward_tiles(launch: _Launch, want: _Wanted, layout: _ProductLayout, grad
                    t.images * geom.offset_groups * geom.height * geom.width * geom.channels_per_offset_group]
     launch.choose_index_width(*counts)
     packed = _packed_weight(geom, weight, None, layout) if want.grad_columns else None
-    out_rows = grad_out.reshape(geom.batch, geom.out_channels, geom.out_pixels)
-    groups, per_group = geom.groups, geom.out_channels_per_group
+    grad_out_groups = grad_out.reshape(geom.batch, geom.groups, geom.out_channels_per_group, geom.out_pixels)
+    groups = geom.groups
     mask_args = _mask_args(launch, offset, mask)
     wrote_weight = False
     for tile in tiles:
@@ -365,21 +366,21 @@ def _backward_tiles(launch: _Launch, want: _Wanted, layout: _ProductLayout, grad
             _sample(launch, tile, x_nhwc, offset, mask, columns, layout.columns(geom, pixels))
             for i in range(tile.images):
                 # grad_w'_g += grad_out_g (C_out/g, pixels) @ columns_g (pixels, K*C/g): a batch over groups.
-                grad_out_i = out_rows[tile.batch_start + i, :, first:first + pixels].reshape(groups, per_group, pixels)
+                grad_out_i = grad_out_groups[tile.batch_start + i, :, :, first:first + pixels]
                 columns_i = columns[i].reshape(pixels, groups, layout.width).transpose(1, 0, 2)[:, :, :layout.used]
                 matmul(grad_out_i, columns_i, grad_w, accumulate=wrote_weight, allow_tf32=allow_tf32)
                 wrote_weight = True
             del columns
         if not want.grad_columns:
             continue
-        columns = _grad_columns(geom, pixels)
+        grad_layout = _grad_columns(geom, pixels)
         grad_columns = cupy.empty((tile.images, pixels, grad_row), dtype=launch.dtype)
         # grad_columns[image, group] (pixels, K*C/g) = grad_out[image, group]^T (pixels, C_out/g) @ weight'_g
-        grad_out_t = out_rows[tile.batch, :, first:first + pixels].reshape(tile.images, groups, per_group, pixels)
+        grad_out_t = grad_out_groups[tile.batch, :, :, first:first + pixels]
         _grouped_matmul(grad_out_t.transpose(0, 1, 3, 2), packed[None, :, :, :layout.samples],
                         grad_columns.reshape(tile.images, pixels, groups, layout.samples).transpose(0, 2, 1, 3),
                         allow_tf32)
-        sampling = launch.sampling_args(tile, columns)
+        sampling = launch.sampling_args(tile, grad_layout)
         if want.offset or want.mask or want.atomic_x:
             launch.run_samples("sample_backward", tile, grad_columns, x_nhwc, offset, *mask_args,
                                grad_x if want.atomic_x else _nothing(launch), launch.index(want.atomic_x),
