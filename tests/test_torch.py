@@ -411,3 +411,30 @@ def test_cuda_autocast(autocast_dtype, numpy_dtype, name, rng):
     assert_within_tolerance(out.float().detach().cpu().numpy(), _reference(rounded), name)
     expected = testing.loop_deform_conv2d_backward(rounded.grad_out, *rounded.inputs, **spec.kwargs)
     assert_within_tolerance(tensors[3].grad.cpu().numpy(), expected["weight"], name, "grad_weight")
+
+
+def test_deterministic_algorithms_and_tf32_switch_reach_the_backend(monkeypatch, rng):
+    # torch.use_deterministic_algorithms(True) asks for the atomic-free grad_x, and PyTorch's TF32
+    # switch for float32 products is followed; both are read when the operator runs.
+    seen = []
+    forward, backward = api.deform_conv2d, api.deform_conv2d_backward
+    monkeypatch.setattr(api, "deform_conv2d",
+                        lambda *a, **k: (seen.append(("forward", k["allow_tf32"])), forward(*a, **k))[1])
+    monkeypatch.setattr(api, "deform_conv2d_backward",
+                        lambda *a, **k: (seen.append(("backward", k["deterministic"], k["allow_tf32"])),
+                                         backward(*a, **k))[1])
+    problem = make_problem(Spec(), rng)
+    tensors = [torch.from_numpy(a).requires_grad_() for a in problem.inputs]
+    matmul = torch.backends.cuda.matmul
+    was_deterministic, was_precision = torch.are_deterministic_algorithms_enabled(), matmul.fp32_precision
+    try:
+        torch.use_deterministic_algorithms(True)
+        matmul.fp32_precision = "tf32"
+        dt.deform_conv2d(tensors[0], tensors[1], tensors[3], tensors[4], padding=1, mask=tensors[2]).sum().backward()
+        torch.use_deterministic_algorithms(False)
+        matmul.fp32_precision = "ieee"
+        dt.deform_conv2d(tensors[0], tensors[1], tensors[3], tensors[4], padding=1, mask=tensors[2]).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        matmul.fp32_precision = was_precision
+    assert seen == [("forward", True), ("backward", True, True), ("forward", False), ("backward", False, False)]

@@ -47,6 +47,18 @@ def _output_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _allow_tf32() -> bool:
+    """PyTorch's TF32 switch for float32 matrix products, which deformcp's CUDA products follow.
+
+    ``fp32_precision`` (PyTorch 2.9 on) reflects the old ``allow_tf32`` flag, the new setting
+    and ``torch.set_float32_matmul_precision("high")``; reading ``allow_tf32`` raises once the
+    new setting has been used, so it is read only where ``fp32_precision`` does not exist.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 # ------------------------------------------------------------------------------ the operators
 
 
@@ -55,7 +67,7 @@ def _forward_op(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tenso
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     # The fake implementation promises the layout of _output_format, whatever layout a backend picks.
     out = api.deform_conv2d(x, offset, mask, weight, bias, stride=tuple(stride), padding=tuple(padding),
-                            dilation=tuple(dilation))
+                            dilation=tuple(dilation), allow_tf32=_allow_tf32())
     return out.contiguous(memory_format=_output_format(x))
 
 
@@ -75,8 +87,11 @@ def _backward_op(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Optional[Ten
     formula maps them back to None.
     """
     wrt = [name for name, want in zip(INPUT_NAMES, wanted) if want]
+    # torch.use_deterministic_algorithms(True) asks for a bitwise-reproducible grad_x (no atomics on CUDA).
     grads = api.deform_conv2d_backward(grad_out, x, offset, mask, weight, bias, stride=tuple(stride),
-                                       padding=tuple(padding), dilation=tuple(dilation), wrt=wrt)
+                                       padding=tuple(padding), dilation=tuple(dilation), wrt=wrt,
+                                       deterministic=torch.are_deterministic_algorithms_enabled(),
+                                       allow_tf32=_allow_tf32())
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
