@@ -136,9 +136,10 @@ def test_the_record_page_shows_a_gpu_run():
     assert "| im2col | `deform_im2col_kernel<float, int>` | 1.250 | 0.062 |" in page
     assert "**gpu**: 2 passed, 1 failed" in page and "- FAILED tests.test_gpu::test_b: boom" in page
     assert "| memcheck | 0 | 0 | yes |" in page
-    # deformcp 2.0 ms, torchvision 4.0 ms: ratio 0.50; peaks 3 MiB (pool), 5 + 0 and 3 + 0 MiB.
+    # deformcp 2.0 ms, torchvision 4.0 ms: ratio 0.50; peaks 3 MiB (pool), 5 + 0 and 3 + 0 MiB; the
+    # deterministic variant has no entry in this case ("-").
     assert ("| b8_c64_64x64 | float32 | forward | 2.000 (1.900-2.100) | 4.000 (1.900-2.100) | 2.500 (1.900-2.100) "
-            "| n/a | 0.50 | 3 | 5 + 0 | 3 + 0 | - | 2.0e-07 |") in page
+            "| n/a | - | 0.50 | 3 | 5 + 0 | 3 + 0 | - | - | 2.0e-07 |") in page
     assert "- n/a deformcp.jax: RuntimeError: no GPU (1 cases)" in page
     assert "| forward | onnxruntime | 25.00 |" in page and "- not compared: openvino: OpenVINO is not installed" in page
 

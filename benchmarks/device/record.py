@@ -10,8 +10,9 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["render"]
 
+from .speed import IMPLEMENTATIONS
+
 _MIB = 2.0 ** 20
-IMPLEMENTATIONS = ("deformcp", "torchvision", "deformcp.torch", "deformcp.jax")
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:

@@ -10,7 +10,10 @@ gradients of all five inputs), on the same inputs:
 ``deformcp.torch``
     deformcp's PyTorch operator with autograd: the adapter's host overhead is counted;
 ``deformcp.jax``
-    ``deformcp.jax.deform_conv2d`` under ``jax.jit`` (``jax.vjp`` for training).
+    ``deformcp.jax.deform_conv2d`` under ``jax.jit`` (``jax.vjp`` for training);
+``deformcp deterministic``
+    the plain functions with ``deterministic=True`` (training only: ``grad_x`` gathered
+    in a fixed order instead of added with atomics), so the record shows what that costs.
 
 Inputs are drawn in float32 (``benchmarks.shapes.make_inputs``) and rounded to the dtype
 by each library (round to nearest even everywhere, so all get the same values).
@@ -66,7 +69,7 @@ GPU_SHAPES = (SHAPES["b8_c64_64x64"], BenchShape("b8_c256_64x64", 8, 256, 64, 64
 SMOKE_SHAPE = BenchShape("smoke", 2, 4, 7, 6, 4, groups=2, offset_groups=2)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 TASKS = ("forward", "training")
-IMPLEMENTATIONS = ("deformcp", "torchvision", "deformcp.torch", "deformcp.jax")
+IMPLEMENTATIONS = ("deformcp", "torchvision", "deformcp.torch", "deformcp.jax", "deformcp deterministic")
 REFERENCE = "deformcp"
 
 
@@ -164,7 +167,7 @@ def tf32_keywords(function: Callable, tf32: bool) -> dict:
 
 
 def _prepare_deformcp(device: _Device, task: str, shape: BenchShape, host: Inputs, dtype_name: str,
-                      tf32: bool = False) -> _Prepared:
+                      tf32: bool = False, deterministic: Optional[bool] = None) -> _Prepared:
     import deformcp
 
     if device.gpu:
@@ -180,6 +183,8 @@ def _prepare_deformcp(device: _Device, task: str, shape: BenchShape, host: Input
 
     forward = {**shape.kwargs, **tf32_keywords(deformcp.deform_conv2d, tf32)}
     backward = {**shape.kwargs, **tf32_keywords(deformcp.deform_conv2d_backward, tf32)}
+    if deterministic is not None:
+        backward["deterministic"] = deterministic
 
     def call() -> tuple:
         out = deformcp.deform_conv2d(*args, **forward)
@@ -270,8 +275,15 @@ def _prepare_deformcp_jax(device: _Device, task: str, shape: BenchShape, host: I
                      lambda array: np.asarray(array.astype(jnp.float32), dtype=np.float64))
 
 
+def _prepare_deformcp_deterministic(device, task, shape, host, dtype_name, tf32: bool = False):
+    if task == "forward":
+        raise ValueError("deterministic applies to the backward pass only")
+    return _prepare_deformcp(device, task, shape, host, dtype_name, tf32=tf32, deterministic=True)
+
+
 _PREPARE = {"deformcp": _prepare_deformcp, "torchvision": _prepare_torchvision,
-            "deformcp.torch": _prepare_deformcp_torch, "deformcp.jax": _prepare_deformcp_jax}
+            "deformcp.torch": _prepare_deformcp_torch, "deformcp.jax": _prepare_deformcp_jax,
+            "deformcp deterministic": _prepare_deformcp_deterministic}
 
 
 def _summary(samples: List[float]) -> dict:
@@ -287,7 +299,7 @@ def _run_case(device: _Device, shape: BenchShape, dtype_name: str, task: str, ho
     reference = None
     for name in args.implementations:
         try:
-            extra = {"tf32": args.tf32} if name == "deformcp" else {}
+            extra = {"tf32": args.tf32} if name in ("deformcp", "deformcp deterministic") else {}
             prepared = _PREPARE[name](device, task, shape, host, dtype_name, **extra)
             outputs = prepared.call()  # the first call compiles; its output is checked
             prepared.finish(outputs)
