@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from ..shapes import SHAPES, TARGET_SHAPES, TINY, BenchShape, make_inputs, shape_named
 from .agreement import DEFAULT_TOLERANCE, compare_outputs
-from .machine import cpu_threads
+from .machine import cpu_threads, deformcp_version
 from .memory import forward_peak_memory
 from .peers import PEER_MODULES, REFERENCE, peer_module, prepare_runner
 from .report import format_case, format_summary, plot_ratios, plotting_unavailable, write_json
@@ -140,18 +140,6 @@ def _measure_memory(case: dict, args) -> None:
         case["memory"][name] = forward_peak_memory(name, case["shape"], args.seed)
 
 
-def _deformcp_version() -> str:
-    """The version, and the git commit when deformcp runs from a checkout (figures are tied to code)."""
-    import deformcp
-
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(deformcp.__file__).parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{deformcp.__version__} ({commit})" if commit else deformcp.__version__
-
-
 def _settings(args, left_out: Dict[str, str], cases: List[dict]) -> dict:
     described = {}
     for case in cases:
@@ -160,7 +148,7 @@ def _settings(args, left_out: Dict[str, str], cases: List[dict]) -> dict:
     methods = {m.get("method") for c in cases for m in c.get("memory", {}).values() if "method" in m}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "deformcp": _deformcp_version(),
+        "deformcp": deformcp_version(),
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}, "
                    f"Python {platform.python_version()}",
         "cpu_threads": cpu_threads(), "device": args.device, "dtype": "float32",

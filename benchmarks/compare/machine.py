@@ -1,4 +1,4 @@
-"""What the comparison runs on, stated in its output rather than assumed: CPUs and BLAS threads.
+"""What the comparison runs on, stated in its output rather than assumed: the code, CPUs and BLAS threads.
 
 Every peer is given all the CPUs this process may run on (:func:`cpu_threads`).
 NumPy's BLAS is not set but reported (:func:`blas_libraries`), by threadpoolctl,
@@ -9,10 +9,24 @@ SciPy may load (OpenBLAS, MKL, BLIS, Accelerate) and asks each for its threads.
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 from threadpoolctl import threadpool_info
 
-__all__ = ["cpu_threads", "blas_libraries"]
+__all__ = ["blas_libraries", "cpu_threads", "deformcp_version"]
+
+
+def deformcp_version() -> str:
+    """deformcp's version, and the git commit when it runs from a checkout (figures are tied to code)."""
+    import deformcp
+
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(deformcp.__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{deformcp.__version__} ({commit})" if commit else deformcp.__version__
 
 
 def cpu_threads() -> int:

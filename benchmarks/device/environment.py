@@ -119,12 +119,12 @@ def _jax() -> dict:
 
 def describe() -> dict:
     """Everything above, as one JSON-able dict; ``cuda_device`` is the GPU's name, or ``None``."""
-    from benchmarks.compare.cli import _deformcp_version
+    from benchmarks.compare.machine import deformcp_version
     from benchmarks.compare.machine import cpu_threads
 
     cupy = _cupy()
     return {
-        "deformcp": _deformcp_version(),
+        "deformcp": deformcp_version(),
         "python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
         "cpu_threads": cpu_threads(), "cpu_count": os.cpu_count(),
