@@ -2,14 +2,26 @@
 
 Where the work runs
 -------------------
-* CPU (and any platform other than CUDA): a host callback, :func:`jax.pure_callback`,
-  calls the NumPy/SciPy backend on the host copies of the operands.
-* CUDA, with CuPy installed: :func:`jax.experimental.buffer_callback.buffer_callback`
-  hands the callback JAX's device buffers and XLA's stream; CuPy views the buffers
-  through DLPack (every dtype, bfloat16 included), the kernels read them in place and
-  run on that stream, and the result is copied into JAX's output buffer on the device.
-  No host round trip.  Without CuPy, or for bfloat16 where CuPy has no bfloat16
-  (:func:`deformcp.interop.cupy_bfloat16_missing`), CUDA falls back to the host callback.
+* CPU and CUDA: :func:`jax.experimental.buffer_callback.buffer_callback` hands the
+  callback XLA's buffers (and, on CUDA, XLA's stream).  On the CPU they are host
+  memory, viewed by NumPy with no copy; on CUDA, with CuPy installed, CuPy views
+  them through DLPack (every dtype, bfloat16 included) and the kernels read them in
+  place on that stream.  The result is copied into XLA's output buffer; no host
+  round trip.
+* Any other platform, and CUDA without CuPy or for bfloat16 where CuPy has no
+  bfloat16 (:func:`deformcp.interop.cupy_bfloat16_missing`): a host callback,
+  :func:`jax.pure_callback`, calls the NumPy/SciPy backend on host copies.
+
+Sharded inputs
+--------------
+Under ``jit`` with operands on a mesh of several devices, the callbacks run inside
+:func:`jax.shard_map`: every device convolves its share of the batch, in parallel,
+and the output comes back split along the batch the same way (weight and bias
+replicated; their gradients summed over the devices).  Over Explicit mesh axes the
+split is the one ``x``'s type names, and an operand split along any other axis is
+refused with a ValueError; over Auto axes deformcp splits the batch over every axis
+whose size divides it.  Inside a user's ``shard_map`` or ``pmap`` the callbacks
+already run per device.
 
 Under :func:`jax.vmap` the callbacks receive the mapped axes in front
 (``vmap_method="expand_dims"``).  When the weight and bias are shared by all
@@ -80,18 +92,25 @@ def deform_conv2d(x, offset, mask, weight, bias=None, *, stride: IntPair = 1, pa
     Raises
     ------
     ValueError, TypeError
-        As :func:`deformcp.deform_conv2d`, at trace time, naming the argument.
+        As :func:`deformcp.deform_conv2d`, at trace time, naming the argument; and a
+        ValueError for an operand split over Explicit mesh axes along any axis but
+        the batch (x, offset and mask alike) or, for weight and bias, at all.
 
     Notes
     -----
     float64 needs ``jax_enable_x64``, as everywhere in JAX.  The module docstring
-    says where the work runs on each platform.
+    says where the work runs on each platform, and how a batch split over devices
+    is computed.
     """
     arrays = {name: None if a is None else jnp.asarray(a) for name, a in zip(INPUT_NAMES, (x, offset, mask, weight, bias))}
     conv = (normalize_pair(stride, "stride"), normalize_padding(padding), normalize_pair(dilation, "dilation"))
     common_dtype(**arrays)
     _geometry(arrays, conv)
-    return _deform_conv2d(*arrays.values(), *conv)
+    if _mesh_of(arrays) is not None and not any(isinstance(a, jax.core.Tracer) for a in arrays.values()):
+        # Arrays on several devices, outside any transformation: shard_map's eager mode has no
+        # custom_vjp with symbolic zeros, so the call is compiled (once per geometry).
+        return _compiled_over_batch_shards(arrays, conv)
+    return _over_batch_shards(arrays, conv)
 
 def _geometry(arrays: Dict[str, Optional[jax.Array]], conv):
     stride, padding, dilation = conv
@@ -168,9 +187,13 @@ def _call(run: Callable, fold: Callable, arrays: dict, results: tuple):
     in_place = buffer_callback(on_buffers, results, vmap_method="expand_dims")
     return jax.lax.platform_dependent(*operands, **dict.fromkeys(platforms, in_place), default=host)
 
-# Platforms whose device buffers the backends read and write in place (buffer_callback); the
-# others take the host callback.  The tests add "cpu" to run the in-place path without a GPU.
-_IN_PLACE_PLATFORMS = ("cuda",)
+# Platforms whose buffers the backends read and write in place (buffer_callback); the others
+# take the host callback (pure_callback).  The CPU is one of them: pure_callback first copies
+# its operands onto JAX's first CPU device, which under several CPU devices is one the running
+# program occupies; a callback on another device then waits on it, which can deadlock a
+# program that all-reduces (the sharded training step).  buffer_callback hands each device's
+# callback its own buffers as host memory, NumPy views with no copy.
+_IN_PLACE_PLATFORMS = ("cpu", "cuda")
 
 @contextlib.contextmanager
 def _buffer_arrays(buffer, ctx):
@@ -238,3 +261,87 @@ def _fold(array, lead, core_ndim: int, xp):
     core = array.shape[len(lead):]
     full = xp.broadcast_to(array, lead + core)
     return full.reshape((math.prod(lead) * core[0],) + core[1:])
+
+# ------------------------------------------------------------------------------------ sharding
+
+# The operands whose first axis is the batch; the others (weight, bias) every device needs whole.
+_BATCHED = ("x", "offset", "mask")
+
+
+def _over_batch_shards(arrays: Dict[str, Optional[jax.Array]], conv):
+    """The convolution of ``arrays``, run by every device of the operands' mesh on its share of the batch.
+
+    The callbacks are opaque to XLA's partitioner, which would run them once, on one
+    device, for the whole batch.  Under a mesh they run inside :func:`jax.shard_map`
+    instead: the batch operands are split along the axes :func:`_batch_axes` picks,
+    the weight and bias are replicated, and the output comes back split the same way.
+    The weight's and bias's gradients are summed over the devices by ``shard_map``'s
+    transpose.  ``check_vma=False``: a callback's results carry no record of which
+    axes they vary along.
+    """
+    mesh = _mesh_of(arrays)
+    free = () if mesh is None else tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                                         if t != jax.sharding.AxisType.Manual)
+    if math.prod(mesh.shape[n] for n in free) == 1:  # no mesh, or no device to share the work with
+        return _deform_conv2d(*arrays.values(), *conv)
+    axes = _batch_axes(mesh, free, arrays)
+    batch_spec = jax.sharding.PartitionSpec(axes or None)
+    names = tuple(n for n, a in arrays.items() if a is not None)
+
+    def on_shard(*shares):
+        return _deform_conv2d(*{**dict.fromkeys(INPUT_NAMES), **dict(zip(names, shares))}.values(), *conv)
+
+    in_specs = tuple(batch_spec if n in _BATCHED else jax.sharding.PartitionSpec() for n in names)
+    return jax.shard_map(on_shard, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, axis_names=frozenset(free),
+                         check_vma=False)(*(arrays[n] for n in names))
+
+
+_compiled_over_batch_shards = jax.jit(_over_batch_shards, static_argnums=1)
+
+
+def _mesh_of(arrays):
+    """The mesh the operands' types name (the first that names one), or the context's; None if neither."""
+    for array in arrays.values():
+        if array is not None:
+            mesh = jax.typeof(array).sharding.mesh
+            if not mesh.empty:
+                return mesh
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def _batch_axes(mesh, free, arrays) -> tuple:
+    """The mesh axes to split the batch along.
+
+    Explicit axes are read from the types: those ``x``'s batch axis is split along, which
+    ``offset`` and ``mask`` must share; no other axis of any operand may be split (a
+    ValueError says which and how to reshard).  Auto axes carry no sharding in the types,
+    so deformcp chooses: each in mesh order whose size, times those chosen before, divides
+    the batch.
+    """
+    P = jax.sharding.PartitionSpec
+    specs = {n: tuple(jax.typeof(a).sharding.spec) + (None,) * a.ndim for n, a in arrays.items() if a is not None}
+    batch = _spec_axes(specs["x"][0])
+    for name, spec in specs.items():
+        spec = spec[:arrays[name].ndim]
+        wanted = (batch,) if name in _BATCHED else ()
+        if tuple(map(_spec_axes, spec)) != wanted + ((),) * (len(spec) - len(wanted)):
+            raise ValueError(
+                f"{name} is sharded as {P(*spec)} over Explicit mesh axes, but deformcp.jax.deform_conv2d splits "
+                f"only the batch axis of x, offset and mask, alike, and needs the weight and bias whole: "
+                f"reshard {name} to {P(*(a or None for a in wanted))} (jax.sharding.reshard) before the call")
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    share = arrays["x"].shape[0] // math.prod(mesh.shape[n] for n in batch)
+    chosen = list(batch)
+    for name in free:
+        if types[name] == jax.sharding.AxisType.Auto and share % mesh.shape[name] == 0:
+            chosen.append(name)
+            share //= mesh.shape[name]
+    return tuple(chosen)
+
+
+def _spec_axes(entry) -> tuple:
+    """The mesh axis names one entry of a PartitionSpec names, as a tuple."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)

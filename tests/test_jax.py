@@ -208,8 +208,8 @@ DEVICE_PATH_DTYPES = [pytest.param(np.dtype(np.float64), id="float64"),
                       pytest.param(np.dtype(ml_dtypes.bfloat16), id="bfloat16")]
 
 
-def _check_in_place_path(rng, callback_target, device, dtype):
-    """Values, gradients and both vmap paths through ``buffer_callback``, whose lowering names ``callback_target``."""
+def _check_callback_path(rng, callback_target, device, dtype):
+    """Values, gradients and both vmap paths through the callback whose lowering names ``callback_target``."""
     spec = SPECS["groups2_offset_groups2"]
     rounded = make_problem(spec, rng).astype(dtype)
     exact = rounded.astype(np.float64)
@@ -237,11 +237,17 @@ def test_gpu_runs_on_device_buffers(rng, x64, dtype):
     # With CuPy present the lowered program uses the device-buffer callback, not a host callback,
     # for bfloat16 too (CuPy 14 views bfloat16 buffers through DLPack).
     pytest.importorskip("cupy", reason="CuPy is needed for the device-buffer path")
-    _check_in_place_path(rng, "xla_buffer_python_gpu_callback", GPU, dtype)
+    _check_callback_path(rng, "xla_buffer_python_gpu_callback", GPU, dtype)
 
 
 @pytest.mark.parametrize("dtype", DEVICE_PATH_DTYPES)
-def test_in_place_buffer_path_on_the_cpu(rng, monkeypatch, x64, dtype):
-    # The path CUDA takes (buffer_callback, results written into XLA's buffers), run on the CPU with NumPy.
-    monkeypatch.setattr(dj, "_IN_PLACE_PLATFORMS", ("cpu",))
-    _check_in_place_path(rng, "xla_buffer_python_cpu_callback", CPU, dtype)
+def test_cpu_runs_on_xlas_buffers(rng, x64, dtype):
+    # The CPU takes the path CUDA takes (buffer_callback, results written into XLA's buffers), with NumPy views.
+    _check_callback_path(rng, "xla_buffer_python_cpu_callback", CPU, dtype)
+
+
+@pytest.mark.parametrize("dtype", DEVICE_PATH_DTYPES)
+def test_host_callback_path_on_the_cpu(rng, monkeypatch, x64, dtype):
+    # The path of platforms deformcp cannot run in place (pure_callback on host copies), run on the CPU.
+    monkeypatch.setattr(dj, "_IN_PLACE_PLATFORMS", ())
+    _check_callback_path(rng, "xla_ffi_python_cpu_callback", CPU, dtype)
