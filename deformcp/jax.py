@@ -300,12 +300,22 @@ _compiled_over_batch_shards = jax.jit(_over_batch_shards, static_argnums=1)
 
 
 def _mesh_of(arrays):
-    """The mesh the operands' types name (the first that names one), or the context's; None if neither."""
-    for array in arrays.values():
-        if array is not None:
-            mesh = jax.typeof(array).sharding.mesh
-            if not mesh.empty:
-                return mesh
+    """The operands' mesh, or the context's; None if neither names one.
+
+    A concrete operand (a constant the function closes over, or an eager call's array)
+    gives its devices' Mesh: a jit whose arguments live on one device takes its device
+    assignment from the arguments, and only a concrete Mesh tells shard_map the rest.
+    Otherwise the first operand whose type names a mesh gives that abstract mesh.
+    """
+    present = [a for a in arrays.values() if a is not None]
+    for array in present:
+        if not isinstance(array, jax.core.Tracer) and isinstance(array.sharding, jax.sharding.NamedSharding):
+            if array.sharding.mesh.size > 1:
+                return array.sharding.mesh
+    for array in present:
+        mesh = jax.typeof(array).sharding.mesh
+        if not mesh.empty:
+            return mesh
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty else mesh
 

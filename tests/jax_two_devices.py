@@ -10,6 +10,8 @@ the seed makes the inputs fresh per test run and reproducible from its id.
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import re
 import sys
 import threading
 
@@ -120,6 +122,12 @@ def check_auto_mesh_gradients(rng):
     assert grads["weight"].sharding.is_fully_replicated and grads["bias"].sharding.is_fully_replicated
     expected = testing.loop_deform_conv2d_backward(problem.grad_out, *problem.inputs, **SPEC.kwargs)
     assert_gradients_match({n: np.asarray(g) for n, g in grads.items()}, expected, "float32")
+    # The split arrays closed over, and the only argument on one device: the jit's devices come
+    # from its arguments, so the op must find the mesh in the constants.
+    x, offset, mask, _, bias = _placed(problem, mesh)
+    on_one_device = jnp.asarray(problem.weight, jnp.float32)
+    g_weight = jax.jit(jax.grad(lambda w: jnp.sum(_forward(x, offset, mask, w, bias) * grad_out)))(on_one_device)
+    assert_within_tolerance(np.asarray(g_weight), expected["weight"], "float32", "grad_weight, closed over")
 
 
 def check_auto_mesh_batch_that_does_not_split(rng):
@@ -248,6 +256,16 @@ def check_flax_training_step_auto_mesh(rng):
 
 def check_flax_training_step_explicit_mesh(rng):
     _flax_training(rng, AxisType.Explicit)
+
+
+def check_docs_jax_and_flax_examples(rng):
+    # docs/jax.md's ```python blocks, in order, in one namespace: its sharded examples need the devices.
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "jax.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    namespace = {}
+    exec(compile("\n".join(blocks), str(page), "exec"), namespace)
+    missing = [n for n in ("per_example", "g_weight", "y", "loss", "loss_split") if n not in namespace]
+    assert not missing, f"docs/jax.md: the examples did not define {missing}"
 
 
 def main() -> None:
