@@ -21,7 +21,6 @@ from deformcp import testing
 
 SPEC = Spec(batch=2, in_channels=4, out_channels=4, groups=2, offset_groups=2, height=5, width=6,
             stride=(1, 2), padding=(1, 0, 2, 1))
-INPUT_NAMES = ("x", "offset", "mask", "weight", "bias")
 
 
 @pytest.fixture

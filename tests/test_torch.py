@@ -7,7 +7,6 @@ test_torch_distributed.py.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import io
 import pathlib

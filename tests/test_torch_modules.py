@@ -16,7 +16,6 @@ arithmetic in plain torch ops and deformcp.testing's float64 loop oracle:
 
 from __future__ import annotations
 
-import copy
 import inspect
 import io
 
