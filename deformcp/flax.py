@@ -24,7 +24,6 @@ Examples
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
@@ -34,7 +33,7 @@ from flax.nnx.nn import dtypes as flax_dtypes
 from flax.nnx.nn.linear import canonicalize_padding
 
 from . import jax as deformcp_jax
-from .geometry import normalize_pair, normalize_padding
+from .geometry import normalize_count, normalize_pair, normalize_padding
 
 __all__ = ["DeformConv2dPack"]
 
@@ -42,19 +41,6 @@ __all__ = ["DeformConv2dPack"]
 # the image.  'CIRCULAR', 'REFLECT' and 'CAUSAL' pad with image values, which samples at
 # fractional positions between the border and the outside could not reproduce.
 _PADDING_NAMES = ("SAME", "SAME_LOWER", "VALID")
-
-
-def _positive_int(value, name: str) -> int:
-    """``value`` as a Python int (any integer, ``np.int64`` too), at least 1; TypeError or ValueError naming it."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 class DeformConv2dPack(nnx.Module):
@@ -141,9 +127,9 @@ class DeformConv2dPack(nnx.Module):
                  kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
                  rngs: nnx.Rngs):
         in_features, out_features, groups, offset_groups = (
-            _positive_int(v, n) for v, n in ((in_features, "in_features"), (out_features, "out_features"),
-                                             (feature_group_count, "feature_group_count"),
-                                             (offset_groups, "offset_groups")))
+            normalize_count(v, n) for v, n in ((in_features, "in_features"), (out_features, "out_features"),
+                                               (feature_group_count, "feature_group_count"),
+                                               (offset_groups, "offset_groups")))
         if in_features % groups or out_features % groups:
             raise ValueError(f"feature_group_count ({groups}) must divide in_features ({in_features}) "
                              f"and out_features ({out_features})")

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[int, Tuple[int, int], Tuple[int, int, int, int]]
 
-__all__ = ["ConvGeometry", "conv_geometry", "im2col_geometry", "normalize_pair", "normalize_padding"]
+__all__ = ["ConvGeometry", "conv_geometry", "im2col_geometry", "normalize_count", "normalize_pair", "normalize_padding"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,22 @@ def normalize_pair(value: IntPair, name: str, *, minimum: int = 1) -> Tuple[int,
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum} in each dimension, got {pair!r}")
     return pair  # type: ignore[return-value]
+
+
+def normalize_count(value, name: str) -> int:
+    """A layer's channel or group count as a Python int: any integer (``np.int64`` too), at least 1.
+
+    Raises TypeError for a non-integer (a float, a bool) and ValueError below 1, naming ``name``.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
 
 
 def normalize_padding(value: Padding) -> Tuple[int, int, int, int]:

@@ -7,36 +7,21 @@ script with ``torch.jit.script``, and take ``device=`` and ``dtype=`` as ``nn.Co
 """
 
 import math
-import operator
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..geometry import IntPair, Padding, normalize_pair, normalize_padding
+from ..geometry import IntPair, Padding, normalize_count, normalize_pair, normalize_padding
 from .ops import call_operator, four_sides
 
 __all__ = ["DeformConv2d", "DeformConv2dPack"]
 
 
 def _counts(**counts) -> Tuple[int, ...]:
-    """The channel and group counts as Python ints: any integer (``np.int64`` too), positive.
-
-    Raises TypeError for a non-integer (a float, a bool) and ValueError below 1, naming it.
-    """
-    values = []
-    for name, value in counts.items():
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be a positive int, got bool {value!r}")
-        try:
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}") from None
-        if value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value}")
-        values.append(value)
-    return tuple(values)
+    """The channel and group counts as Python ints (:func:`deformcp.geometry.normalize_count` each)."""
+    return tuple(normalize_count(value, name) for name, value in counts.items())
 
 
 def _padding_attribute(padding: Padding) -> Tuple[int, ...]:
