@@ -139,7 +139,26 @@ def _positions(x_shape, offset, kh, kw, stride, padding, dilation):
 
 @np.errstate(all="ignore")  # NaN and Inf are defined behaviour (docs/semantics.md)
 def loop_im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
-    """Columns of shape (B, C, kh*kw, H_out, W_out), float64."""
+    """The sampled, mask-weighted columns of :func:`deformcp.deform_im2col`, by loops, in float64.
+
+    Parameters
+    ----------
+    x : array_like, shape (B, C, H, W)
+    offset : ndarray, shape (B, 2*G*kh*kw, H_out, W_out)
+        Its spatial shape is the output's; ``G`` is inferred from its channels.
+    mask : ndarray, shape (B, G*kh*kw, H_out, W_out), or None
+        None samples without modulation (a mask of ones).
+    kh, kw : int
+        Kernel size.
+    stride, padding, dilation
+        As for :func:`deformcp.deform_conv2d`.
+
+    Returns
+    -------
+    ndarray, shape (B, C, kh*kw, H_out, W_out), float64
+        Element ``[b, c, k, oy, ox]`` is ``mask * bilinear(x[b, c], py, px)`` for kernel
+        point ``k``; reshaped to ``(B, C*kh*kw, H_out*W_out)`` it is deform_im2col's layout.
+    """
     x = np.asarray(x, np.float64)
     B, C, H, W = x.shape
     G = offset.shape[1] // (2 * kh * kw)
@@ -155,7 +174,19 @@ def loop_im2col(x, offset, mask, kh, kw, stride=1, padding=0, dilation=1):
 
 @np.errstate(all="ignore")  # NaN and Inf are defined behaviour (docs/semantics.md)
 def loop_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
-    """Forward pass in float64."""
+    """The forward pass of :func:`deformcp.deform_conv2d`, by loops, in float64.
+
+    Parameters
+    ----------
+    x, offset, mask, weight, bias
+        As for :func:`deformcp.deform_conv2d`, as NumPy arrays (``mask`` and ``bias`` may be None).
+    stride, padding, dilation
+        As for :func:`deformcp.deform_conv2d`.
+
+    Returns
+    -------
+    ndarray, shape (B, C_out, H_out, W_out), float64
+    """
     x, offset, weight = (np.asarray(a, np.float64) for a in (x, offset, weight))
     mask = None if mask is None else np.asarray(mask, np.float64)
     Cout, cpg, kh, kw = weight.shape
@@ -177,7 +208,22 @@ def loop_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, padding=0, 
 
 @np.errstate(all="ignore")  # NaN and Inf are defined behaviour (docs/semantics.md)
 def loop_deform_conv2d_backward(grad_out, x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1):
-    """All five gradients in float64, as a dict keyed by input name (mask/bias None when absent)."""
+    """The five gradients of :func:`deformcp.deform_conv2d`, by loops, in float64.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (B, C_out, H_out, W_out)
+        Gradient of the loss with respect to the output.
+    x, offset, mask, weight, bias, stride, padding, dilation
+        The arguments of :func:`loop_deform_conv2d`.
+
+    Returns
+    -------
+    dict
+        Keyed by input name (``"x"``, ``"offset"``, ``"mask"``, ``"weight"``, ``"bias"``),
+        each gradient of its input's shape in float64; ``mask`` and ``bias`` are None when
+        those inputs are.
+    """
     grad_out, x, offset, weight = (np.asarray(a, np.float64) for a in (grad_out, x, offset, weight))
     mask = None if mask is None else np.asarray(mask, np.float64)
     Cout, cpg, kh, kw = weight.shape
