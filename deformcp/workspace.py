@@ -89,6 +89,15 @@ def device_workspace_limit(device_memory: int) -> int:
     if any; else ``device_memory * DEVICE_WORKSPACE_FRACTION`` within
     ``[DEFAULT_WORKSPACE_BYTES, MAX_DEVICE_WORKSPACE_BYTES]`` (1 GiB on a 16 GiB card,
     4 GiB from 64 GiB up).
+
+    Parameters
+    ----------
+    device_memory : int
+        The device's total memory in bytes.
+
+    Returns
+    -------
+    int
     """
     if _limit is not None:
         return _limit
@@ -103,6 +112,18 @@ def set_workspace_limit(nbytes: int) -> int:
     ----------
     nbytes : int
         A positive number of bytes.  Once set, it replaces the GPU's device-sized default too.
+
+    Returns
+    -------
+    int
+        The limit :func:`get_workspace_limit` returned before the call.
+
+    Raises
+    ------
+    TypeError
+        If ``nbytes`` is not an integer (a str, a float or a bool).
+    ValueError
+        If ``nbytes`` is below 1.
     """
     global _limit
     previous, _limit = get_workspace_limit(), _checked_limit(nbytes, "nbytes")
@@ -115,6 +136,11 @@ def workspace_limit(nbytes: int) -> Iterator[None]:
 
     Restored exactly: where no limit had been set, the defaults (the GPU's device-sized one
     included) apply again.
+
+    Parameters
+    ----------
+    nbytes : int
+        As for :func:`set_workspace_limit`.
     """
     global _limit
     saved = _limit
