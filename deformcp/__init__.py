@@ -12,6 +12,8 @@ get_workspace_limit, set_workspace_limit, workspace_limit
     The scratch-space limit every backend tiles its work under.
 deformcp.torch, deformcp.jax
     Framework adapters with autograd (import them explicitly); see docs/torch.md, docs/jax.md.
+deformcp.flax
+    ``DeformConv2dPack`` as a Flax NNX layer, on deformcp.jax; see docs/jax.md.
 deformcp.testing
     The float64 loop oracle, ``relative_error`` and the per-dtype tolerances, after ``numpy.testing``.
 deformcp.plot
