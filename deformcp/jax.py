@@ -332,6 +332,7 @@ def _batch_axes(mesh, free, arrays) -> tuple:
     P = jax.sharding.PartitionSpec
     specs = {n: tuple(jax.typeof(a).sharding.spec) + (None,) * a.ndim for n, a in arrays.items() if a is not None}
     batch = _spec_axes(specs["x"][0])
+    batch_entry = None if not batch else batch[0] if len(batch) == 1 else batch
     for name, spec in specs.items():
         spec = spec[:arrays[name].ndim]
         wanted = (batch,) if name in _BATCHED else ()
@@ -339,7 +340,8 @@ def _batch_axes(mesh, free, arrays) -> tuple:
             raise ValueError(
                 f"{name} is sharded as {P(*spec)} over Explicit mesh axes, but deformcp.jax.deform_conv2d splits "
                 f"only the batch axis of x, offset and mask, alike, and needs the weight and bias whole: "
-                f"reshard {name} to {P(*(a or None for a in wanted))} (jax.sharding.reshard) before the call")
+                f"reshard {name} to {P(batch_entry) if name in _BATCHED and batch else P()} (jax.sharding.reshard) "
+                f"before the call")
     types = dict(zip(mesh.axis_names, mesh.axis_types))
     share = arrays["x"].shape[0] // math.prod(mesh.shape[n] for n in batch)
     chosen = list(batch)

@@ -168,9 +168,19 @@ def check_explicit_mesh(rng):
             jax.jit(_forward)(*by_channel)
         except ValueError as exc:
             assert str(exc).startswith("x is sharded as P(None, 'batch', None, None) over Explicit mesh axes"), exc
-            assert "jax.sharding.reshard" in str(exc), exc
+            assert "reshard x to P() (jax.sharding.reshard)" in str(exc), exc
         else:
             raise AssertionError("x split along its channels was accepted")
+        # x split along the batch but the offset not: the offset is named, with the split it needs.
+        unsplit_offset = list(arrays)
+        unsplit_offset[1] = jax.device_put(arrays[1], P())
+        try:
+            jax.jit(_forward)(*unsplit_offset)
+        except ValueError as exc:
+            assert "offset is sharded as P(None, None, None, None)" in str(exc), exc
+            assert "reshard offset to P('batch',) (jax.sharding.reshard)" in str(exc), exc
+        else:
+            raise AssertionError("an offset split unlike x was accepted")
 
 
 def check_inside_shard_map_and_pmap(rng):
