@@ -6,12 +6,11 @@ The runners of one case are timed in turns (run 1 of each, then run 2 of each,
 
 Each timed run is preceded by a pause (``settle``) and one untimed run of the
 same runner.  The pause lets the previous peer's worker threads stop: they keep
-spinning for a while after a call (OpenBLAS's for about 0.1 s) and would slow
-down whichever peer runs next (ONNX Runtime ran 2x slower right after deformcp).
+spinning for a while after a call and would slow down whichever peer runs next.
 The untimed run then brings the runner back to the state it has in a loop of
-calls (its threads awake, its memory mapped): after a pause alone, deformcp's
-forward on b8_c64_64x64 took 51-53 ms against 38-47 ms back to back.  So every
-figure is a peer's steady-state time with the machine to itself.  Garbage
+calls (its threads awake, its memory mapped), which a pause alone does not
+(benchmarks/NOTES.md has the figures).  So every figure is a peer's steady-state
+time with the machine to itself.  Garbage
 collection is off inside a timed call, as in :mod:`timeit`.  A device runner's
 time ends only after it has synchronised.
 """
