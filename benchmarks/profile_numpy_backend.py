@@ -8,8 +8,8 @@ are listed too).  Whole-array NumPy operations hold no Python lines of their own
 so a line's time is the time of the operations on it; tracing adds a few
 microseconds per line, nothing next to operations of milliseconds.  The backend
 runs its tiles on worker threads, which ``sys.settrace`` does not follow, so the
-traced calls run with ``DEFORMCP_NUM_THREADS=1`` (BLAS keeps its threads); the
-header gives the call's time as configured too.  The figures are medians over
+traced calls run with ``DEFORMCP_NUM_THREADS=1`` and BLAS at one thread, as each
+worker computes; the header gives the call's time as configured too.  The figures are medians over
 ``--repeats`` calls after one untimed call.  Notes on what
 the profiles showed are in ``benchmarks/NOTES.md``.  Run it from the clone's root
 (it imports ``benchmarks.shapes``).
@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 
 import deformcp
 
@@ -87,9 +88,10 @@ class LineTimer:
 def _backend_files() -> frozenset:
     """The traced files.  Imported here, not at the top: asv imports every module under
     benchmarks/ when it looks for benchmarks, and its suite must need only deformcp's public API."""
-    from deformcp.backends import numpy_backend, numpy_grid, numpy_sampling, numpy_tiling
+    from deformcp.backends import numpy_backend, numpy_grid, numpy_products, numpy_sampling, numpy_tiling
 
-    return frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_tiling, numpy_grid, numpy_sampling))
+    return frozenset(str(Path(m.__file__).resolve()) for m in (numpy_backend, numpy_tiling, numpy_grid, numpy_sampling,
+                                                                     numpy_products))
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -115,12 +117,16 @@ def _profile(operation, shape_name: str, repeats: int, top: int) -> None:
     call()
     threaded = _median_seconds(call, repeats)
     # The tiles run on worker threads, which sys.settrace does not follow: trace one thread.
+    # With several workers each computes with BLAS at one thread, so the traced thread does too:
+    # its lines then cost what they cost a worker (BLAS's own threads can make a product many
+    # times slower or faster than that, depending on its shape).
     previous = os.environ.get(SERIAL_VARIABLE)
     os.environ[SERIAL_VARIABLE] = "1"
     try:
-        serial = _median_seconds(call, repeats)
-        timer = LineTimer(_backend_files())
-        traced = _median_seconds(lambda: timer.run(call), repeats)
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            serial = _median_seconds(call, repeats)
+            timer = LineTimer(_backend_files())
+            traced = _median_seconds(lambda: timer.run(call), repeats)
     finally:
         if previous is None:
             del os.environ[SERIAL_VARIABLE]
@@ -128,7 +134,7 @@ def _profile(operation, shape_name: str, repeats: int, top: int) -> None:
             os.environ[SERIAL_VARIABLE] = previous
 
     print(f"\n== {operation} {shape_name} ({shape.label}), float32: median {1e3 * threaded:.1f} ms as configured, "
-          f"{1e3 * serial:.1f} ms with {SERIAL_VARIABLE}=1, {1e3 * traced:.1f} ms traced ==")
+          f"{1e3 * serial:.1f} ms on one thread ({SERIAL_VARIABLE}=1, BLAS at 1), {1e3 * traced:.1f} ms traced ==")
     print(f"{'self ms':>8} {'% call':>7} {'incl ms':>8}  {'function:line':<30} source")
     ranked = sorted(timer.self.items(), key=lambda item: -item[1])[:top]
     for key, total in ranked:

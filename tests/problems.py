@@ -199,6 +199,8 @@ EXAMPLE_SPECS = {
     "offset_groups2": Spec(in_channels=4, offset_groups=2),
     "groups2_offset_groups2": Spec(in_channels=4, out_channels=2, groups=2, offset_groups=2),
     "groups4_offset_groups2": Spec(in_channels=4, out_channels=4, groups=4, offset_groups=2),
+    # One channel per group, two output channels each; four offset groups in one sampling plan.
+    "depthwise_multiplier2_offset_groups4": Spec(in_channels=4, out_channels=8, groups=4, offset_groups=4),
     "stride2": Spec(height=7, width=6, stride=(2, 2)),
     "stride_2x1": Spec(stride=(2, 1)),
     "asymmetric_padding": Spec(padding=(0, 2, 1, 0)),

@@ -19,6 +19,9 @@ import nonfinite_cases
 from problems import Spec, make_problem, run_backward, run_forward, run_im2col
 
 SPEC = Spec(batch=2, in_channels=4, out_channels=4, height=5, width=6, groups=2, offset_groups=2)
+# One channel per convolution group (the CPU backend's einsum products; two output channels per
+# input channel, so both of their branches run) and four offset groups sharing one sampling plan.
+DEPTHWISE_SPEC = Spec(batch=2, in_channels=8, out_channels=16, height=5, width=6, groups=8, offset_groups=4)
 K = 9
 
 
@@ -282,8 +285,9 @@ def test_non_finite_values_do_not_warn(threads, rng, monkeypatch):
 
 # --- every input of the backward, against torchvision's arithmetic ------------------------
 
+@pytest.mark.parametrize("spec", [pytest.param(SPEC, id="groups2"), pytest.param(DEPTHWISE_SPEC, id="depthwise")])
 @pytest.mark.parametrize("name, value, offset_kind", nonfinite_cases.CASES)
-def test_nonfinite_input_reaches_what_torchvision_reaches(name, value, offset_kind, rng):
-    problem = nonfinite_cases.poisoned_problem(SPEC, name, value, offset_kind, rng)
+def test_nonfinite_input_reaches_what_torchvision_reaches(name, value, offset_kind, spec, rng):
+    problem = nonfinite_cases.poisoned_problem(spec, name, value, offset_kind, rng)
     actual = dict(forward=run_forward(problem), **run_backward(problem))
     nonfinite_cases.assert_same_patterns(actual, nonfinite_cases.oracle_outputs(problem), f"{name}={value}")

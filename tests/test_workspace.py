@@ -221,8 +221,8 @@ def test_int64_indices_equal_int32(spec, operation, rng, monkeypatch):
 def test_the_sampling_plan_refuses_an_index_type_too_small(rng):
     problem = make_problem(SPECS[0].values[0], rng)
     with pytest.raises(OverflowError, match="int16"):
-        numpy_sampling.sampling_plan(_geometry(problem), problem.offset, problem.mask, 0, row_start=0, first_image=0,
-                                     input_rows=40000, dtype=np.float64, index_dtype=np.int16,
+        numpy_sampling.sampling_plan(_geometry(problem), problem.offset, problem.mask, row_start=0, first_image=0,
+                                     group_rows=40000, dtype=np.float64, index_dtype=np.int16,
                                      coordinate_corner=False)
 
 

@@ -5,15 +5,17 @@ against, so it follows ``docs/semantics.md`` to the letter.
 
 How it works
 ------------
-Bilinear sampling is linear in the input, so for one offset group the deformable
-im2col is a sparse matrix ``S`` with four entries per row applied to the
-channels-last input ``X`` (:mod:`.numpy_sampling`, on the zero-bordered grids of
-:mod:`.numpy_grid`)::
+Bilinear sampling is linear in the input, so the deformable im2col is a sparse
+matrix ``S`` with four entries per row, block-diagonal over the offset groups,
+applied to the channels-last input ``X`` (:mod:`.numpy_sampling`, on the
+zero-bordered grids of :mod:`.numpy_grid`)::
 
     columns  = S @ X              # forward
     grad_X  += S.T @ grad_columns # the exact transpose, no scatter loops
 
-Each convolution group is then one BLAS matrix product.
+The products with the weight are BLAS products per convolution group, or
+reductions over all the channels at once for one channel per group
+(:mod:`.numpy_products`).
 
 The output is cut into tiles for the worker threads and each tile into chunks that
 stay in cache (:mod:`.numpy_tiling`); the tiles run on the threads of
@@ -24,7 +26,7 @@ steps of a chunk.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from ..geometry import ConvGeometry
 from ..workspace import Tile
 from . import numpy_grid
 from .cpu_threads import quiet, tile_workers
+from .numpy_products import tile_view, weight_products
 from .numpy_sampling import SamplingPlan
 from .numpy_tiling import Tiling
 
@@ -53,10 +56,7 @@ def forward(geom: ConvGeometry, cdt: np.dtype, x, offset, mask, weight, bias, *,
     with tile_workers() as workers:
         tiling = Tiling(geom, cdt, workers, backward=False)
         out = np.empty(geom.out_shape, dtype=x.dtype)
-        groups, cout = geom.groups, geom.out_channels_per_group
-        bias_c = None if bias is None else bias.astype(cdt, copy=False).reshape(groups, 1, 1, cout)
-        # (groups, 1, K*C/g, Cout/g): the same weight for every image of a chunk
-        weight_t = _weight_matrices(geom, cdt, weight).transpose(0, 2, 1)[:, None]
+        products = weight_products(geom, cdt, weight, bias)
         tiling.copy_band_images(x)
 
         def run(tile: Tile) -> None:
@@ -65,16 +65,8 @@ def forward(geom: ConvGeometry, cdt: np.dtype, x, offset, mask, weight, bias, *,
             scratch = tiling.scratch(geom.kernel_points * geom.in_channels, chunks)
             result = tiling.scratch(geom.out_channels, chunks)
             for chunk in chunks:
-                cols = _per_group(geom, _columns(geom, xl, tiling.sampling_plans(tile, chunk, offset, mask), scratch),
-                                  chunk)
-                # Pixels as the rows of the product: (groups, images, pixels, K*C/g) @ (groups, 1, K*C/g, Cout/g).
-                # OpenBLAS runs this orientation faster than C_out as the rows, by more than the
-                # transposed copy into NCHW costs (benchmarks/NOTES.md).
-                y = result[:cols.size // cols.shape[-1] * cout].reshape(*cols.shape[:3], cout)
-                np.matmul(cols, weight_t, out=y)
-                if bias_c is not None:
-                    y += bias_c
-                _tile_view(out, chunk, groups)[...] = y.transpose(1, 0, 3, 2)
+                cols = _columns(geom, xl, tiling.sampling_plan(tile, chunk, offset, mask), scratch)
+                products.output(cols, chunk, result, tile_view(out, chunk, geom.groups))
 
         for _ in workers.map(run, tiling.tiles):
             pass
@@ -95,7 +87,7 @@ def im2col(geom: ConvGeometry, cdt: np.dtype, x, offset, mask) -> np.ndarray:
             chunks = tiling.chunks(tile)
             scratch = tiling.scratch(k * geom.in_channels, chunks)
             for chunk in chunks:
-                cols = _columns(geom, xl, tiling.sampling_plans(tile, chunk, offset, mask), scratch)
+                cols = _columns(geom, xl, tiling.sampling_plan(tile, chunk, offset, mask), scratch)
                 cols = cols.reshape(chunk.images, chunk.out_rows, geom.out_w, k, geom.in_channels)
                 out[chunk.batch, :, :, chunk.rows] = cols.transpose(0, 4, 3, 1, 2)
 
@@ -140,8 +132,8 @@ class _Backward:
         geom = tiling.geom
         self.tiling, self.geom = tiling, geom
         self.x, self.offset, self.mask = x, offset, mask
-        self.wmat = _weight_matrices(geom, tiling.cdt, weight)
-        self.grad_out = np.ascontiguousarray(grad_out, dtype=tiling.cdt)  # _tile_view needs a reshapeable layout
+        self.products = weight_products(geom, tiling.cdt, weight)
+        self.grad_out = np.ascontiguousarray(grad_out, dtype=tiling.cdt)  # tile_view needs a reshapeable layout
         self.columns_gradient = bool(wrt & {"x", "offset", "mask"})
         self.coordinates = bool(wrt & {"offset", "mask"})
         # Whether the coordinate gradients may take their fast order of sums (see _coordinate_gradients).
@@ -151,7 +143,7 @@ class _Backward:
         # NCHW once (:meth:`add_up`).
         self.whole_images = tiling.whole_images
         self.grad_x = np.empty(geom.x_shape, dtype=x.dtype) if "x" in wrt else None
-        self.grad_w = np.zeros_like(self.wmat) if "weight" in wrt else None
+        self.grad_w = self.products.zero_weight_gradient() if "weight" in wrt else None
         self.coordinate_grads = {}  # the offset and mask gradients, written by the chunks
         if "offset" in wrt:
             self.coordinate_grads["offset"] = np.empty(geom.offset_shape, dtype=x.dtype)
@@ -163,7 +155,7 @@ class _Backward:
         geom, tiling = self.geom, self.tiling
         xl = tiling.channels_last(self.x, tile)
         gx = np.zeros_like(xl) if self.grad_x is not None else None
-        gw = np.zeros_like(self.wmat) if self.grad_w is not None else None
+        gw = self.products.zero_weight_gradient() if self.grad_w is not None else None
         chunks = tiling.chunks(tile)
         scratch = tiling.scratch(geom.kernel_points * geom.in_channels, chunks)
         for chunk in chunks:
@@ -178,29 +170,23 @@ class _Backward:
                gw: Optional[np.ndarray]) -> None:
         """One chunk's share of every gradient: added into ``gx`` and ``gw``, written into the coordinate ones."""
         geom = self.geom
-        k, cg = geom.kernel_points, geom.channels_per_offset_group
-        go = _tile_view(self.grad_out, chunk, geom.groups)  # (images, groups, Cout/g, pixels), a view
-        plans = self.tiling.sampling_plans(tile, chunk, self.offset, self.mask, coordinate_corner=self.coordinates)
+        go = self.products.grad_out(tile_view(self.grad_out, chunk, geom.groups))
+        plan = self.tiling.sampling_plan(tile, chunk, self.offset, self.mask, coordinate_corner=self.coordinates)
         if gw is not None:
-            cols = _per_group(geom, _columns(geom, xl, plans, scratch), chunk)
-            gw += _weight_gradient(go, cols)
+            cols = _columns(geom, xl, plan, scratch)
+            self.products.weight_gradient(go, cols, chunk, gw)
             del cols  # a view of the scratch, which the gradient columns overwrite next
         if not self.columns_gradient:
             return
-        grad_cols = _gradient_columns(geom, self.wmat, go, scratch)
-        npix = grad_cols.shape[0]
-        for g, plan in enumerate(plans):
-            gcols = grad_cols[:, :, g * cg:(g + 1) * cg].reshape(npix * k, cg)
-            if geom.offset_groups > 1:
-                gcols = np.ascontiguousarray(gcols)
-            # With every value finite, the order of products cannot matter; otherwise 0 * Inf
-            # terms must fall where torchvision's order puts them (docs/semantics.md, section 11).
-            finite = bool(np.isfinite(gcols).all()) and plan.mask_is_finite()
-            if gx is not None:
-                plan.scatter_add(gcols, gx[g], near_only=not finite)
-            if self.coordinates:
-                _coordinate_gradients(geom, chunk, plan, xl[g], gcols, g, self.coordinate_grads,
-                                      fast=finite and self.x_finite)
+        # (samples of every offset group, C/G): the sampling plan's rows, block-diagonal over the groups.
+        gcols = self.products.gradient_columns(go, scratch).reshape(-1, geom.channels_per_offset_group)
+        # With every value finite, the order of products cannot matter; otherwise 0 * Inf
+        # terms must fall where torchvision's order puts them (docs/semantics.md, section 11).
+        finite = bool(np.isfinite(gcols).all()) and plan.mask_is_finite()
+        if gx is not None:
+            plan.scatter_add(gcols, gx, near_only=not finite)
+        if self.coordinates:
+            _coordinate_gradients(geom, chunk, plan, xl, gcols, self.coordinate_grads, fast=finite and self.x_finite)
 
     def add_up(self, results: Iterable[_TileGradients]) -> None:
         """Adds the tiles' partial gradients, in tile order so that the sums do not depend on thread timing.
@@ -235,87 +221,30 @@ class _Backward:
         if self.grad_x is not None:
             grads["x"] = self.grad_x
         if self.grad_w is not None:
-            geom = self.geom
-            grads["weight"] = (self.grad_w.reshape(geom.out_channels, geom.kernel_h, geom.kernel_w,
-                                                   geom.channels_per_group)
-                               .transpose(0, 3, 1, 2).astype(self.x.dtype))
+            grads["weight"] = self.products.weight_gradient_nchw(self.grad_w).astype(self.x.dtype)
         return grads
 
 
 # --- the numerical steps of a chunk ------------------------------------------------------------
 
-def _weight_matrices(geom: ConvGeometry, cdt: np.dtype, weight: np.ndarray) -> np.ndarray:
-    """``weight[o, c, i, j]`` as per-group matrices ``(groups, C_out/g, K*C/g)``, columns ordered (k, c) like the columns."""
-    return (weight.astype(cdt, copy=False).transpose(0, 2, 3, 1)
-            .reshape(geom.groups, geom.out_channels_per_group, geom.kernel_points * geom.channels_per_group))
-
-
-def _tile_view(array: np.ndarray, tile: Tile, groups: int) -> np.ndarray:
-    """``array[tile.batch, :, tile.rows]`` of an NCHW array as ``(images, groups, C/groups, rows*W)``, a view."""
-    view = array[tile.batch, :, tile.rows]
-    # Assigning .shape (unlike reshape) raises instead of silently copying.
-    view.shape = (tile.images, groups, view.shape[1] // groups, tile.out_rows * array.shape[3])
-    return view
-
-
-def _columns(geom: ConvGeometry, xl: np.ndarray, plans: List[SamplingPlan], scratch: np.ndarray) -> np.ndarray:
+def _columns(geom: ConvGeometry, xl: np.ndarray, plan: SamplingPlan, scratch: np.ndarray) -> np.ndarray:
     """Deformable im2col of a chunk as ``(pixels, K, C)`` in ``scratch``, pixels ordered (image, row, column).
 
-    ``xl`` is the tile's channels-last copy, ``(offset groups, rows, C/offset groups)``.
+    ``xl`` is the tile's channels-last copy, ``(offset groups * rows, C/offset groups)``; the
+    plan's rows, ordered (pixel, kernel point, offset group), fill the columns in place.
     """
-    k, cg = geom.kernel_points, geom.channels_per_offset_group
-    n = plans[0].index.shape[0]
-    cols = scratch[:n * geom.in_channels].reshape(n // k, k, geom.in_channels)
-    if geom.offset_groups == 1:
-        plans[0].gather(xl[0], cols.reshape(n, cg))
-        return cols
-    for g, plan in enumerate(plans):
-        cols[:, :, g * cg:(g + 1) * cg] = plan.gather(xl[g], np.empty((n, cg), dtype=xl.dtype)).reshape(-1, k, cg)
+    n = plan.index.shape[0]
+    cols = scratch[:n * geom.channels_per_offset_group].reshape(-1, geom.kernel_points, geom.in_channels)
+    plan.gather(xl, cols.reshape(n, geom.channels_per_offset_group))
     return cols
 
 
-def _per_group(geom: ConvGeometry, cols: np.ndarray, chunk: Tile) -> np.ndarray:
-    """``(pixels, K, C)`` -> ``(groups, images, pixels per image, K*C/groups)``, the weight matrices' columns."""
-    shape = (geom.groups, chunk.images, chunk.out_rows * geom.out_w, geom.kernel_points * geom.channels_per_group)
-    if geom.groups == 1:
-        return cols.reshape(shape)
-    split = cols.reshape(-1, geom.kernel_points, geom.groups, geom.channels_per_group).transpose(2, 0, 1, 3)
-    return np.ascontiguousarray(split).reshape(shape)
+def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, xl: np.ndarray,
+                          gcols: np.ndarray, grads: dict, fast: bool) -> None:
+    """Gradients of offset and mask for one chunk, every offset group, written into ``grads``.
 
-
-def _gradient_columns(geom: ConvGeometry, wmat: np.ndarray, go: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """``grad_out^T @ weight`` per group as ``(pixels, K, C)``, in ``scratch`` where the layout allows.
-
-    ``go`` is ``(images, groups, Cout/g, pixels per image)``, ``wmat`` :func:`_weight_matrices`.
-    """
-    k, cc = geom.kernel_points, geom.channels_per_group
-    images, pixels = go.shape[0], go.shape[3]
-    if geom.groups == 1:
-        out = scratch[:images * pixels * k * cc].reshape(images, 1, pixels, k * cc)
-        np.matmul(go.transpose(0, 1, 3, 2), wmat, out=out)
-        return out.reshape(-1, k, geom.in_channels)
-    grouped = np.matmul(go.transpose(0, 1, 3, 2), wmat)
-    split = grouped.reshape(images, geom.groups, pixels, k, cc).transpose(0, 2, 3, 1, 4)
-    return np.ascontiguousarray(split).reshape(-1, k, geom.in_channels)
-
-
-def _weight_gradient(go: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``sum over images of go @ cols`` per group: ``(groups, Cout/g, K*C/g)``.
-
-    ``go`` is ``(images, groups, Cout/g, pixels)``, ``cols`` ``(groups, images, pixels, K*C/g)``.
-    One product over all the chunk's pixels, so that BLAS does the sum over images rather
-    than a temporary weight-sized matrix per image (which the workspace limit does not bound).
-    """
-    groups, images, pixels, kc = cols.shape
-    if images == 1:
-        return np.matmul(go[0], cols[:, 0])
-    go_g = np.ascontiguousarray(go.transpose(1, 2, 0, 3)).reshape(groups, go.shape[2], images * pixels)
-    return np.matmul(go_g, cols.reshape(groups, images * pixels, kc))
-
-
-def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, xg: np.ndarray,
-                          gcols: np.ndarray, group: int, grads: dict, fast: bool) -> None:
-    """Gradients of offset and mask for one offset group of one chunk, written into ``grads``.
+    ``xl`` is the tile's channels-last copy and ``gcols`` the column gradient, both with the
+    offset groups stacked as the plan's rows expect (:func:`_columns`).
 
     The coordinate derivative uses every corner inside the image with no early exit (so it
     is non-zero exactly on the lines ``py = -1`` and ``px = -1``), as torchvision does.
@@ -331,31 +260,33 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
     gradient and the mask are finite.  Otherwise ``0 * Inf`` lands on different terms in
     the two orders, so torchvision's order runs, and NaN and Inf reach what they reach there.
     """
-    k = geom.kernel_points
+    k, groups = geom.kernel_points, geom.offset_groups
     n, c = gcols.shape
     # A sample's corners are two pairs of neighbours on the grid: row r of `pairs` is
     # pixels r and r + 1, so each pair is one gather of 2C contiguous values (a read-only view).
-    if not xg.flags.c_contiguous:
+    if not xl.flags.c_contiguous:
         raise ValueError("the channels-last input must be C-contiguous")
-    pairs = np.lib.stride_tricks.as_strided(xg, shape=(xg.shape[0] - 1, 2 * c), strides=(xg.strides[0], xg.itemsize),
+    pairs = np.lib.stride_tricks.as_strided(xl, shape=(xl.shape[0] - 1, 2 * c), strides=(xl.strides[0], xl.itemsize),
                                             writeable=False)
     pair_steps = np.array([0, numpy_grid.padded_grid(geom)[1]], dtype=plan.coordinate_corner.dtype)
     sums = _corner_sums if fast else _torchvision_order_sums
     d_py, d_px, d_mask = (np.empty(n, dtype=gcols.dtype) for _ in range(3))
     # Blocks small enough that the gathered corners are still in cache when they are reduced.
-    block = max(1, _CORNER_BLOCK_BYTES // (4 * c * xg.itemsize))
+    block = max(1, _CORNER_BLOCK_BYTES // (4 * c * xl.itemsize))
     for start in range(0, n, block):
         rows_ = slice(start, min(start + block, n))
         corners = pairs[plan.coordinate_corner[rows_, None] + pair_steps].reshape(-1, 4, c)
         sums(plan, rows_, corners, gcols[rows_], d_py[rows_], d_px[rows_], d_mask[rows_])
-    shape = (chunk.images, chunk.out_rows, geom.out_w, k)
+    shape = (chunk.images, chunk.out_rows, geom.out_w, k, groups)  # the plan's order
     rows = chunk.rows
     if "offset" in grads:
-        both = np.stack([d_py.reshape(shape), d_px.reshape(shape)], axis=-1)  # (b, r, c, K, 2)
-        grads["offset"][chunk.batch, group * 2 * k:(group + 1) * 2 * k, rows] = (
-            both.transpose(0, 3, 4, 1, 2).reshape(chunk.images, 2 * k, chunk.out_rows, geom.out_w))
+        both = np.stack([d_py.reshape(shape), d_px.reshape(shape)], axis=-1)  # (b, r, c, K, G, 2)
+        # offset[b, g*2K + 2k + {0: dy, 1: dx}, r, c]
+        grads["offset"][chunk.batch, :, rows] = (
+            both.transpose(0, 4, 3, 5, 1, 2).reshape(chunk.images, groups * 2 * k, chunk.out_rows, geom.out_w))
     if "mask" in grads:
-        grads["mask"][chunk.batch, group * k:(group + 1) * k, rows] = d_mask.reshape(shape).transpose(0, 3, 1, 2)
+        grads["mask"][chunk.batch, :, rows] = (d_mask.reshape(shape).transpose(0, 4, 3, 1, 2)
+                                               .reshape(chunk.images, groups * k, chunk.out_rows, geom.out_w))
 
 
 def _corner_sums(plan: SamplingPlan, rows: slice, corners: np.ndarray, g: np.ndarray,

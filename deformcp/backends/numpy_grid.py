@@ -1,8 +1,9 @@
 """The input as the CPU backend's sampling plans read it: channels-last, each image on a zero-bordered grid.
 
-For each offset group ``g`` the images are stacked as the rows of one matrix
-``(images * grid pixels, C / offset groups)``, the ``X`` of :mod:`.numpy_sampling`'s
-``S @ X``.  Each image sits on a grid one pixel larger than the image on every side,
+The images are stacked as the rows of one matrix, offset group after offset group:
+``(offset groups * images * grid pixels, C / offset groups)``, the ``X`` of
+:mod:`.numpy_sampling`'s ``S @ X``, whose rows of group ``g`` hold channels
+``g * C/G`` to ``(g + 1) * C/G``.  Each image sits on a grid one pixel larger than the image on every side,
 ``(H + 2) x (W + 2)`` (:func:`padded_grid`), whose border is zero: every corner a
 sample can read then lies on the grid, the ones outside the image on the border, so
 the sampling plan needs no test per corner (see :mod:`.numpy_sampling` for the
@@ -74,8 +75,8 @@ def copy_rows(geom: ConvGeometry, x: np.ndarray, grids: np.ndarray, batch: slice
 
 
 def stacked(grids: np.ndarray) -> np.ndarray:
-    """``(G, images, H + 2, W + 2, C/G)`` grids as the stacked matrices ``(G, images * grid pixels, C/G)``, a view."""
-    return grids.reshape(grids.shape[0], -1, grids.shape[-1])
+    """``(G, images, H + 2, W + 2, C/G)`` grids as the stacked matrix ``(G * images * grid pixels, C/G)``, a view."""
+    return grids.reshape(-1, grids.shape[-1])
 
 
 def image_view(geom: ConvGeometry, matrices: np.ndarray, images: int) -> np.ndarray:

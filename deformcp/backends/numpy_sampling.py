@@ -1,8 +1,9 @@
 """The CPU backend's bilinear sampling: a sparse matrix with four entries per sample.
 
-For one offset group, every sample ``(image, output pixel, kernel point)`` reads at
-most four input pixels.  Stacking the samples as rows and the pixels of the
-channels-last input ``X`` as columns gives a sparse matrix ``S``::
+Every sample ``(image, output pixel, kernel point, offset group)`` reads at most
+four input pixels.  Stacking the samples as rows and the pixels of the
+channels-last input ``X`` as columns (each offset group's channels a block of its
+own rows) gives a sparse matrix ``S``, block-diagonal over the offset groups::
 
     columns = S @ X              # deformable im2col
     grad_X += S.T @ grad_columns # its exact transpose, no scatter loop
@@ -52,9 +53,9 @@ _CORNER_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """How every sample of one offset group in one chunk of the output reads the input.
+    """How every sample of one chunk of the output reads the input.
 
-    Rows are ordered ``(image, output row, output column, kernel point)``.
+    Rows are ordered ``(image, output row, output column, kernel point, offset group)``.
     Corners are ordered ``(y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1)``.
 
     Attributes
@@ -65,13 +66,10 @@ class SamplingPlan:
         (the early exit) read four border pixels (see the module's docstring), so
         that a non-finite value in the image does not leak into a sample
         torchvision never reads.
-    bilinear : ndarray, shape (N, 4)
-        Bilinear weights, without the mask; 0 for the early exit; NaN where the
-        sampling position is NaN.
     weights : ndarray, shape (N, 4)
-        The entries of ``S``: ``bilinear`` times the mask.  The mask multiplies the
-        weights after the early exit zeroed them, so a NaN mask still poisons an
-        outside sample, as torchvision's ``mask * 0`` does.
+        The entries of ``S``: the bilinear weights (:attr:`bilinear`) times the mask.
+        The mask multiplies the weights after the early exit zeroed them, so a NaN mask
+        still poisons an outside sample, as torchvision's ``mask * 0`` does.
     coordinate_corner : ndarray of int, shape (N,), or None
         Top-left corner of each sample like ``index[:, 0]`` but without the early exit,
         for the coordinate gradient, which reads the corners on the lines ``py = -1``
@@ -87,7 +85,6 @@ class SamplingPlan:
     """
 
     index: np.ndarray
-    bilinear: np.ndarray
     weights: np.ndarray
     coordinate_corner: Optional[np.ndarray]
     frac_y: np.ndarray
@@ -95,6 +92,16 @@ class SamplingPlan:
     mask: Optional[np.ndarray]
     outside: np.ndarray
     input_rows: int
+
+    @functools.cached_property
+    def bilinear(self) -> np.ndarray:
+        """Bilinear weights ``(N, 4)`` without the mask: 0 for the early exit, NaN where the position is NaN.
+
+        :attr:`weights` without the mask; computed when asked for (the coordinate gradients).
+        """
+        if self.mask is None:
+            return self.weights
+        return _corner_weights(*_weight_factors(self.frac_y, self.frac_x, self.outside))
 
     @functools.cached_property
     def operator(self) -> scipy.sparse.csr_array:
@@ -112,7 +119,7 @@ class SamplingPlan:
             rows, channels = out.shape
             _csr_matvecs(rows, self.input_rows, channels, _indptr(rows, self.index.dtype), self.index.ravel(),
                          self.weights.ravel(), _flat(source, "source"), _flat(out, "out"))
-        if self.mask is not None:
+        if not self.mask_is_finite():
             # S carries the mask in its weights, (w * m) * v.  torchvision multiplies the sum,
             # m * (sum of w * v): the same but for an infinite mask, where a corner of weight 0
             # would give 0 * Inf = NaN instead of +-Inf.  Those rarest of samples are redone.
@@ -146,7 +153,14 @@ class SamplingPlan:
 
     def mask_is_finite(self) -> bool:
         """Whether every mask value is finite (True without a mask)."""
-        return self.mask is None or bool(np.isfinite(self.mask).all())
+        return self._mask_finite
+
+    @functools.cached_property
+    def _mask_finite(self) -> bool:
+        # A finite sum (one fast reduction) proves it; only an overflowing or non-finite sum
+        # needs the test of every value.
+        return (self.mask is None or bool(np.isfinite(np.add.reduce(self.mask)))
+                or bool(np.isfinite(self.mask).all()))
 
     def _near_corners_only(self) -> np.ndarray:
         """:attr:`index` with the corners farther than 1 from the position sent to a border pixel.
@@ -177,10 +191,14 @@ def _flat(array: np.ndarray, name: str) -> np.ndarray:
     return array.reshape(-1)
 
 
-def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndarray], group: int, *,
-                  row_start: int, first_image: int, input_rows: int, dtype, index_dtype,
-                  coordinate_corner: bool) -> SamplingPlan:
-    """Sampling plan of offset group ``group`` for a block of the output.
+def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndarray], *, row_start: int,
+                  first_image: int, group_rows: int, dtype, index_dtype, coordinate_corner: bool) -> SamplingPlan:
+    """Sampling plan of every offset group for a block of the output, in one.
+
+    The samples are ordered ``(image, output row, output column, kernel point, offset group)``,
+    so that ``S @ X`` gives the columns ``(pixels, K, C)`` with channel ``g * C/G + c``: one
+    sparse product over the block-diagonal operator of all the offset groups, rather than
+    one per group (each group's rows index its own block of the stacked input).
 
     Parameters
     ----------
@@ -188,13 +206,11 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     offset, mask : ndarray
         ``offset`` and ``mask`` (or None) cut to the block: its images and its output rows,
         which start at output row ``row_start``.
-    group : int
-        The offset group.
     first_image : int
         Position of the block's first image among the images stacked in the input the
         indices point into, each on its grid (:mod:`.numpy_grid`).
-    input_rows : int
-        Rows of that stacked input.
+    group_rows : int
+        Rows of one offset group's stacked input; group ``g``'s rows start at ``g * group_rows``.
     dtype, index_dtype
         Floating type of the weights, integer type of the indices.
     coordinate_corner : bool
@@ -204,19 +220,34 @@ def sampling_plan(geom: ConvGeometry, offset: np.ndarray, mask: Optional[np.ndar
     like all its numerical work, under an error state that does not warn about them.
     """
     images, rows = offset.shape[0], offset.shape[2]
-    samples_per_image = rows * geom.out_w * geom.kernel_points
+    groups = geom.offset_groups
+    samples_per_image = rows * geom.out_w * geom.kernel_points * groups
+    input_rows = groups * group_rows
     _check_index_type(index_dtype, input_rows, images * samples_per_image)
-    py, px = _sampling_positions(geom, offset, group, row_start, dtype)
+    py, px = _sampling_positions(geom, offset, row_start, dtype)
     y0 = np.floor(py)
     x0 = np.floor(px)
     frac_y = py - y0
     frac_x = px - x0
     outside = (py <= -1) | (py >= geom.height) | (px <= -1) | (px >= geom.width)
-    corner, read = _top_left_corners(geom, y0, x0, outside, first_image, images, samples_per_image, index_dtype)
-    index, bilinear = _corners_and_weights(geom, read, frac_y, frac_x, outside, dtype)
-    flat_mask, weights = _masked_weights(geom, bilinear, mask, group, dtype)
-    return SamplingPlan(index, bilinear, weights, corner if coordinate_corner else None, frac_y, frac_x,
-                        flat_mask, outside, input_rows)
+    first_rows = _first_rows(geom, images, first_image, group_rows, index_dtype)
+    if coordinate_corner:
+        corner, read = _coordinate_corners(geom, y0, x0, outside, first_rows)
+    else:
+        corner, read = None, _read_corners(geom, y0, x0, outside, first_rows)
+    wy, wx = _weight_factors(frac_y, frac_x, outside)
+    flat_mask = _flat_mask(geom, mask, dtype)
+    if flat_mask is not None:
+        # The mask multiplies a factor zeroed at the early exit, so a NaN mask still poisons an
+        # outside sample, as torchvision's mask * 0 does.
+        wy = (wy[0] * flat_mask, wy[1] * flat_mask)
+    return SamplingPlan(_corner_index(geom, read), _corner_weights(wy, wx), corner, frac_y, frac_x, flat_mask,
+                        outside, input_rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _largest(index_dtype) -> int:
+    return int(np.iinfo(index_dtype).max)  # np.iinfo takes longer than the rest of the check
 
 
 def _check_index_type(index_dtype, input_rows: int, samples: int) -> None:
@@ -225,81 +256,130 @@ def _check_index_type(index_dtype, input_rows: int, samples: int) -> None:
     SciPy's kernels do not check bounds: an index or row pointer that wrapped around would
     read and write other memory.  The caller picks the type; this makes sure.
     """
-    if max(input_rows, 4 * samples) > np.iinfo(index_dtype).max:
+    if max(input_rows, 4 * samples) > _largest(index_dtype):
         raise OverflowError(f"{np.dtype(index_dtype)} cannot index {input_rows} input rows and {samples} samples")
 
 
-def _sampling_positions(geom: ConvGeometry, offset: np.ndarray, group: int, row_start: int, dtype) -> tuple:
-    """Every sample's position ``(py, px)`` in the input, flat in plan order ``(image, row, column, kernel point)``."""
-    kh, kw, k = geom.kernel_h, geom.kernel_w, geom.kernel_points
+def _sampling_positions(geom: ConvGeometry, offset: np.ndarray, row_start: int, dtype) -> tuple:
+    """Every sample's position ``(py, px)`` in the input, flat in plan order ``(image, row, column, K, G)``."""
+    kh, kw, k, groups = geom.kernel_h, geom.kernel_w, geom.kernel_points, geom.offset_groups
     images, rows, cols = offset.shape[0], offset.shape[2], geom.out_w
     (stride_h, stride_w), (dil_h, dil_w) = geom.stride, geom.dilation
     pad_top, pad_left = geom.padding[0], geom.padding[1]
-    # offset[b, g*2K + 2k + {0: dy, 1: dx}, r, c] -> (b, r, c, k), rows in plan order
-    pair = offset[:, group * 2 * k:(group + 1) * 2 * k].reshape(images, k, 2, rows, cols)
-    dy = pair[:, :, 0].transpose(0, 2, 3, 1).astype(dtype, copy=False)
-    dx = pair[:, :, 1].transpose(0, 2, 3, 1).astype(dtype, copy=False)
-    out_y = np.arange(row_start, row_start + rows, dtype=dtype)[:, None, None]
-    out_x = np.arange(cols, dtype=dtype)[None, :, None]
-    ki = np.repeat(np.arange(kh, dtype=dtype), kw)
-    kj = np.tile(np.arange(kw, dtype=dtype), kh)
-    base_y = out_y * stride_h - pad_top + ki * dil_h          # (rows, 1, K)
-    base_x = out_x * stride_w - pad_left + kj * dil_w         # (1, cols, K)
+    # offset[b, g*2K + 2k + {0: dy, 1: dx}, r, c] -> (b, r, c, k, g), rows in plan order
+    pair = offset.reshape(images, groups, k, 2, rows, cols)
+    dy = pair[:, :, :, 0].transpose(0, 3, 4, 2, 1).astype(dtype, copy=False)
+    dx = pair[:, :, :, 1].transpose(0, 3, 4, 2, 1).astype(dtype, copy=False)
+    out_y = np.arange(row_start, row_start + rows, dtype=dtype)[:, None, None, None]
+    out_x = np.arange(cols, dtype=dtype)[None, :, None, None]
+    ki = np.repeat(np.arange(kh, dtype=dtype), kw)[:, None]
+    kj = np.tile(np.arange(kw, dtype=dtype), kh)[:, None]
+    base_y = out_y * stride_h - pad_top + ki * dil_h          # (rows, 1, K, 1)
+    base_x = out_x * stride_w - pad_left + kj * dil_w         # (1, cols, K, 1)
     return (dy + base_y).ravel(), (dx + base_x).ravel()
 
 
-def _top_left_corners(geom: ConvGeometry, y0: np.ndarray, x0: np.ndarray, outside: np.ndarray, first_image: int,
-                      images: int, samples_per_image: int, index_dtype) -> tuple:
-    """Row of the stacked input holding each sample's top-left corner: ``(corner, read)``.
+def _first_rows(geom: ConvGeometry, images: int, first_image: int, group_rows: int, index_dtype) -> np.ndarray:
+    """Row of the stacked input where each image's grid starts, per offset group: ``(images, 1, G)``.
 
-    ``corner`` is the top-left corner on the image's grid wherever the sample's 2x2 block lies
-    on it, for the coordinate gradient; ``read`` is what the sample reads, which is the grid's
-    four border pixels instead for the early exit (see the module's docstring).
+    Broadcast against a plan's arrays shaped ``(images, samples per image and group, G)``.
+    """
+    image_starts = np.arange(first_image, first_image + images, dtype=index_dtype) * grid_pixels(geom)
+    group_starts = np.arange(geom.offset_groups, dtype=index_dtype) * group_rows
+    return image_starts[:, None, None] + group_starts
+
+
+def _read_corners(geom: ConvGeometry, y0: np.ndarray, x0: np.ndarray, outside: np.ndarray,
+                  first_rows: np.ndarray) -> np.ndarray:
+    """Row of the stacked input holding the top-left corner each sample reads (see the module's docstring).
+
+    Every sample that does not take the early exit has ``-1 <= y0 <= H - 1`` and
+    ``-1 <= x0 <= W - 1``: its 2x2 block lies on the grid.  The others read the four border
+    pixels at ``W + 1``.  Positions are clamped to the grid before the cast to integers
+    (``fmax``/``fmin`` turn a NaN into a bound), so every index is valid; a NaN position's
+    weights are NaN, so that sample is NaN whatever it reads.
+    """
+    grid_cols = padded_grid(geom)[1]
+    gy = np.fmin(np.fmax(y0, -1), geom.height - 1).astype(first_rows.dtype)
+    gx = np.fmin(np.fmax(x0, -1), geom.width - 1).astype(first_rows.dtype)
+    np.multiply(gy, grid_cols, out=gy)
+    gy += gx
+    shaped = gy.reshape(first_rows.shape[0], -1, first_rows.shape[2])
+    shaped += first_rows + (grid_cols + 1)  # the grid's rows and columns are the image's plus one
+    np.copyto(shaped, first_rows + (geom.width + 1), where=outside.reshape(shaped.shape))
+    return gy
+
+
+def _coordinate_corners(geom: ConvGeometry, y0: np.ndarray, x0: np.ndarray, outside: np.ndarray,
+                        first_rows: np.ndarray) -> tuple:
+    """Each sample's top-left corner for the coordinate gradient, and the one it reads: ``(corner, read)``.
+
+    ``corner`` is the top-left corner on the image's grid wherever the sample's 2x2 block lies on
+    it, early exit or not (the coordinate gradient reads the corners on the lines ``py = -1`` and
+    ``px = -1`` too), and the four border pixels at ``W + 1`` elsewhere; ``read`` is ``corner`` but
+    for the early exit, which reads the border pixels (see the module's docstring).
     """
     height, width = geom.height, geom.width
     grid_cols = padded_grid(geom)[1]
+    index_dtype = first_rows.dtype
     # The grid's rows and columns are the image's plus one.  Clamped, huge and infinite positions
-    # cast safely and land off the grid.  A NaN position casts to an arbitrary integer; its weights
-    # are NaN, so the sample is NaN whatever it reads.
+    # cast safely and land off the grid.  A NaN position casts to an arbitrary integer, off the grid
+    # or not; its weights are NaN, so the sample is NaN whatever it reads.
     gy = np.clip(y0, -2, height).astype(index_dtype) + 1
     gx = np.clip(x0, -2, width).astype(index_dtype) + 1
     unsigned = np.dtype(index_dtype).str.replace("i", "u")
     # One unsigned comparison tests 0 <= v <= n: the 2x2 block from (gy, gx) lies on the grid.
     on_grid = (gy.view(unsigned) <= height) & (gx.view(unsigned) <= width)
-    image_base = (np.arange(first_image, first_image + images, dtype=index_dtype)
-                  * grid_pixels(geom)).repeat(samples_per_image)
-    # (0, W+1), (1, 0), (1, W+1), (2, 0): four border pixels, where samples that read nothing point.
-    border = image_base + (width + 1)
-    corner = np.where(on_grid, image_base + gy * grid_cols + gx, border)
-    return corner, np.where(outside, border, corner)
+    np.multiply(gy, grid_cols, out=gy)
+    gy += gx
+    shape = (first_rows.shape[0], -1, first_rows.shape[2])
+    gy.reshape(shape)[...] += first_rows
+    border = first_rows + (width + 1)
+    corner = gy
+    np.copyto(corner.reshape(shape), border, where=~on_grid.reshape(shape))
+    read = corner.copy()
+    np.copyto(read.reshape(shape), border, where=outside.reshape(shape))
+    return corner, read
 
 
-def _corners_and_weights(geom: ConvGeometry, read: np.ndarray, frac_y: np.ndarray, frac_x: np.ndarray,
-                         outside: np.ndarray, dtype) -> tuple:
-    """The four corners' rows of the stacked input from the top-left ones, and their bilinear weights."""
+def _corner_index(geom: ConvGeometry, read: np.ndarray) -> np.ndarray:
+    """The four corners' rows of the stacked input, ``(N, 4)``, from the top-left ones."""
     grid_cols = padded_grid(geom)[1]
-    n = read.size
-    index = np.empty((n, 4), dtype=read.dtype)
-    bilinear = np.empty((n, 4), dtype=dtype)
-    wy = (1 - frac_y, frac_y)
-    wx = (1 - frac_x, frac_x)
+    index = np.empty((read.size, 4), dtype=read.dtype)
     # Column by column: NumPy's loops over a trailing axis of 4 run 4 elements per call.
     for q, (a, b) in enumerate(_CORNER_OFFSETS):
         np.add(read, a * grid_cols + b, out=index[:, q])
-        np.multiply(wy[a], wx[b], out=bilinear[:, q])
-        # The early exit is an exact 0, even where the other coordinate is NaN.
-        np.copyto(bilinear[:, q], 0, where=outside)
-    return index, bilinear
+    return index
 
 
-def _masked_weights(geom: ConvGeometry, bilinear: np.ndarray, mask: Optional[np.ndarray], group: int,
-                    dtype) -> tuple:
-    """``(the group's mask flat in plan order, the entries of S)``; without a mask, ``(None, bilinear)``."""
+def _weight_factors(frac_y: np.ndarray, frac_x: np.ndarray, outside: np.ndarray) -> tuple:
+    """``((1 - fy, fy), (1 - fx, fx))``, each an exact 0 at the early exit, even where it is NaN.
+
+    Zeroed by clearing their bits: a bitwise AND on contiguous arrays is cheaper than a masked
+    copy into each of the four columns of the weights.
+    """
+    bits = np.dtype(f"u{frac_y.dtype.itemsize}")
+    keep = outside.astype(bits)
+    keep -= 1  # all ones inside, zero outside
+    factors = ((1 - frac_y, frac_y.copy()), (1 - frac_x, frac_x.copy()))
+    for factor in (*factors[0], *factors[1]):
+        np.bitwise_and(factor.view(bits), keep, out=factor.view(bits))
+    return factors
+
+
+def _corner_weights(wy: tuple, wx: tuple) -> np.ndarray:
+    """``(N, 4)`` weights ``wy[a] * wx[b]`` of the corners ``(a, b)``."""
+    weights = np.empty((wy[0].size, 4), dtype=wy[0].dtype)
+    for q, (a, b) in enumerate(_CORNER_OFFSETS):
+        np.multiply(wy[a], wx[b], out=weights[:, q])
+    return weights
+
+
+def _flat_mask(geom: ConvGeometry, mask: Optional[np.ndarray], dtype) -> Optional[np.ndarray]:
+    """The mask flat in plan order, or None."""
     if mask is None:
-        return None, bilinear
-    k = geom.kernel_points
-    flat_mask = mask[:, group * k:(group + 1) * k].transpose(0, 2, 3, 1).astype(dtype, copy=False).ravel()
-    weights = np.empty_like(bilinear)
-    for q in range(4):
-        np.multiply(bilinear[:, q], flat_mask, out=weights[:, q])
-    return flat_mask, weights
+        return None
+    images, rows = mask.shape[0], mask.shape[2]
+    # mask[b, g*K + k, r, c] -> (b, r, c, k, g)
+    return (mask.reshape(images, geom.offset_groups, geom.kernel_points, rows, geom.out_w)
+            .transpose(0, 3, 4, 2, 1).astype(dtype, copy=False).ravel())

@@ -32,7 +32,14 @@ __all__ = ["Tiling", "scratch_bytes"]
 # which stay in the core's cache at this size (the sizes measured are in benchmarks/NOTES.md).
 _CHUNK_SAMPLES = 1 << 15
 # ... and at most this many bytes of columns, which BLAS then reads while they are in cache.
+# The backward pass keeps larger chunks: its weight gradient is a product whose inner
+# dimension is the chunk's pixels, and each chunk adds a weight-sized partial sum.
 _CHUNK_COLUMN_BYTES = 16 << 20
+# The forward pass's columns are the largest part of its memory, so its chunks are smaller,
+# as small as costs no speed (benchmarks/NOTES.md: BLAS packs the weight once per product,
+# which smaller chunks repeat for fewer rows); and at least the weight's size of columns,
+# a chunk of at least as many pixels as output channels.
+_FORWARD_CHUNK_COLUMN_BYTES = 8 << 20
 # Indices and row pointers are int32 up to this value (a module constant so that tests can
 # lower it and run the int64 path); SciPy's kernels do not check bounds.
 _INT32_INDEX_MAX = np.iinfo(np.int32).max
@@ -52,6 +59,12 @@ def scratch_bytes(geom: ConvGeometry, cdt: np.dtype, backward: bool) -> Tuple[in
         per_pixel += 2 * k * c * s
         per_image *= 2
     return per_pixel, per_image
+
+
+def _even_share(total: int, most: int) -> int:
+    """The size of the fewest parts of at most ``most`` that ``total`` splits into, as even as they go."""
+    parts = -(-total // max(1, most))
+    return -(-total // max(1, parts))
 
 
 class Tiling:
@@ -88,7 +101,11 @@ class Tiling:
         per_pixel, per_image = scratch_bytes(geom, self.cdt, backward)
         workers = self.workers.count
         limit = max(1, get_workspace_limit() // workers)
-        cache_rows = min(_CHUNK_SAMPLES // (samples * w), _CHUNK_COLUMN_BYTES // max(1, k * geom.in_channels * s * w))
+        column_bytes = _CHUNK_COLUMN_BYTES
+        if not backward:
+            weight_bytes = k * geom.channels_per_group * geom.out_channels * s
+            column_bytes = min(column_bytes, max(_FORWARD_CHUNK_COLUMN_BYTES, weight_bytes))
+        cache_rows = min(_CHUNK_SAMPLES // (samples * w), column_bytes // max(1, k * geom.in_channels * s * w))
         self.chunk_rows = max(1, min(cache_rows, (limit - per_image) // (per_pixel * w)))
         chunk_bytes = self.chunk_rows * w * per_pixel
         # A band of rows needs its whole image's copy (and gradient) like the image itself, so
@@ -97,7 +114,8 @@ class Tiling:
         # plan_tiles cuts images into bands only to give every worker a tile.
         tiles = plan_tiles(geom.batch, geom.out_h, geom.out_w, 0, per_image,
                            limit=max(limit - chunk_bytes, per_image + geom.out_h), min_tiles=workers)
-        too_large = (any(t.images * self.grid_pixels > _INT32_INDEX_MAX for t in tiles)
+        # The plan's rows index every offset group's copy of the tile's images, stacked.
+        too_large = (any(geom.offset_groups * t.images * self.grid_pixels > _INT32_INDEX_MAX for t in tiles)
                      or self.chunk_rows * w * samples * 4 > _INT32_INDEX_MAX)
         self.index_dtype = np.int64 if too_large else np.int32
         return tiles
@@ -110,14 +128,16 @@ class Tiling:
     def chunks(self, tile: Tile) -> List[Tile]:
         """The tile cut into chunks of at most :attr:`chunk_rows` output rows' worth of pixels.
 
-        Whole images where :attr:`chunk_rows` covers several; otherwise bands of rows.
+        Whole images where :attr:`chunk_rows` covers several; otherwise bands of rows.  The
+        chunks of a tile (of an image) are as even as the rows allow, rather than full ones
+        and a short last one whose small products would run below BLAS's speed.
         """
         out_h = self.geom.out_h
         if tile.out_rows == out_h and self.chunk_rows >= out_h:
-            per = min(tile.images, self.chunk_rows // out_h)
+            per = _even_share(tile.images, self.chunk_rows // out_h)
             return [Tile(b, min(b + per, tile.batch_stop), 0, out_h)
                     for b in range(tile.batch_start, tile.batch_stop, per)]
-        rows = self.chunk_rows
+        rows = _even_share(tile.out_rows, self.chunk_rows)
         return [Tile(b, b + 1, r, min(r + rows, tile.row_stop))
                 for b in range(tile.batch_start, tile.batch_stop) for r in range(tile.row_start, tile.row_stop, rows)]
 
@@ -150,7 +170,7 @@ class Tiling:
         self._band_images = {b: numpy_grid.stacked(grid) for b, grid in grids.items()}
 
     def channels_last(self, x: np.ndarray, tile: Tile) -> np.ndarray:
-        """The tile's images channels-last on their zero-bordered grids, ``(G, images * grid pixels, C/G)``.
+        """The tile's images channels-last on their zero-bordered grids, ``(G * images * grid pixels, C/G)``.
 
         A tile of whole images makes its own copy.  Bands of rows of one image share one,
         made by :meth:`copy_band_images` before the tiles start.
@@ -161,13 +181,12 @@ class Tiling:
             return numpy_grid.stacked(grids)
         return self._band_images[tile.batch_start]
 
-    def sampling_plans(self, tile: Tile, chunk: Tile, offset: np.ndarray, mask: Optional[np.ndarray],
-                       coordinate_corner: bool = False) -> List[SamplingPlan]:
+    def sampling_plan(self, tile: Tile, chunk: Tile, offset: np.ndarray, mask: Optional[np.ndarray],
+                      coordinate_corner: bool = False) -> SamplingPlan:
         """The sampling plan of every offset group for ``chunk``, indexing the channels-last copy of ``tile``."""
         off = offset[chunk.batch, :, chunk.rows]
         msk = None if mask is None else mask[chunk.batch, :, chunk.rows]
-        return [sampling_plan(self.geom, off, msk, g, row_start=chunk.row_start,
-                              first_image=chunk.batch_start - tile.batch_start,
-                              input_rows=tile.images * self.grid_pixels, dtype=self.cdt,
-                              index_dtype=self.index_dtype, coordinate_corner=coordinate_corner)
-                for g in range(self.geom.offset_groups)]
+        return sampling_plan(self.geom, off, msk, row_start=chunk.row_start,
+                             first_image=chunk.batch_start - tile.batch_start,
+                             group_rows=tile.images * self.grid_pixels, dtype=self.cdt,
+                             index_dtype=self.index_dtype, coordinate_corner=coordinate_corner)
