@@ -19,6 +19,7 @@ them (a product of finite factors regrouped keeps its class: docs/semantics.md).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -26,13 +27,32 @@ import numpy as np
 from ..geometry import ConvGeometry
 from ..workspace import Tile
 
-__all__ = ["DepthwiseProducts", "GroupProducts", "weight_products"]
+__all__ = ["DepthwiseProducts", "GroupProducts", "forward_column_bytes", "weight_products"]
+
+# The forward's chunk of columns, in bytes (benchmarks/NOTES.md has the sizes measured).  BLAS
+# products: at least twice the weight's size, a chunk of twice as many pixels as output
+# channels, for BLAS packs the weight once per product, which smaller chunks would repeat for
+# fewer rows.  Depthwise products stream through the columns: smaller chunks stay in cache.
+_BLAS_FORWARD_COLUMN_BYTES = 8 << 20
+_DEPTHWISE_FORWARD_COLUMN_BYTES = 4 << 20
+
+
+def _depthwise(geom: ConvGeometry) -> bool:
+    return geom.channels_per_group == 1 and geom.groups > 1
 
 
 def weight_products(geom: ConvGeometry, cdt: np.dtype, weight: np.ndarray, bias: Optional[np.ndarray] = None):
     """The products of one call: :class:`DepthwiseProducts` for one channel per group, else :class:`GroupProducts`."""
-    kind = DepthwiseProducts if geom.channels_per_group == 1 and geom.groups > 1 else GroupProducts
+    kind = DepthwiseProducts if _depthwise(geom) else GroupProducts
     return kind(geom, cdt, weight, bias)
+
+
+def forward_column_bytes(geom: ConvGeometry, itemsize: int) -> int:
+    """The bytes of columns a forward chunk should hold for the products :func:`weight_products` picks."""
+    if _depthwise(geom):
+        return _DEPTHWISE_FORWARD_COLUMN_BYTES
+    weight_bytes = geom.kernel_points * geom.channels_per_group * geom.out_channels * itemsize
+    return max(_BLAS_FORWARD_COLUMN_BYTES, 2 * weight_bytes)
 
 
 def tile_view(array: np.ndarray, tile: Tile, groups: int) -> np.ndarray:
@@ -46,17 +66,30 @@ def tile_view(array: np.ndarray, tile: Tile, groups: int) -> np.ndarray:
 class GroupProducts:
     """One BLAS product per convolution group.
 
-    The weight is held as per-group matrices ``(groups, C_out/g, K*C/g)``, columns ordered
-    ``(k, c)`` like the columns.
+    The weight is held as per-group matrices, columns ordered ``(k, c)`` like the columns:
+    ``(groups, C_out/g, K*C/g)`` for the backward's products (:attr:`wmat`), transposed and
+    contiguous for the forward's, where OpenBLAS runs 2-3% faster than on a transposed view.
     """
 
     def __init__(self, geom: ConvGeometry, cdt: np.dtype, weight: np.ndarray, bias: Optional[np.ndarray]):
         self.geom = geom
-        self.wmat = (weight.astype(cdt, copy=False).transpose(0, 2, 3, 1)
-                     .reshape(geom.groups, geom.out_channels_per_group, geom.kernel_points * geom.channels_per_group))
-        # (groups, 1, K*C/g, Cout/g): the same weight for every image of a chunk
-        self._weight_t = self.wmat.transpose(0, 2, 1)[:, None]
+        self._weight = weight.astype(cdt, copy=False)
         self._bias = _bias_column(geom, cdt, bias)
+
+    @functools.cached_property
+    def wmat(self) -> np.ndarray:
+        """The weight as per-group matrices ``(groups, C_out/g, K*C/g)``."""
+        geom = self.geom
+        return (self._weight.transpose(0, 2, 3, 1)
+                .reshape(geom.groups, geom.out_channels_per_group, geom.kernel_points * geom.channels_per_group))
+
+    @functools.cached_property
+    def _weight_t(self) -> np.ndarray:
+        """``(groups, 1, K*C/g, C_out/g)``, contiguous: the same weight for every image of a chunk."""
+        geom = self.geom
+        k, cc, cout = geom.kernel_points, geom.channels_per_group, geom.out_channels_per_group
+        split = self._weight.reshape(geom.groups, cout, cc, k).transpose(0, 3, 2, 1)  # (groups, k, c, o)
+        return np.ascontiguousarray(split).reshape(geom.groups, 1, k * cc, cout)
 
     def output(self, cols: np.ndarray, chunk: Tile, scratch: np.ndarray, out: np.ndarray) -> None:
         """The chunk's output from its columns ``(pixels, K, C)``, bias added, into ``out``.

@@ -262,21 +262,31 @@ def _check_index_type(index_dtype, input_rows: int, samples: int) -> None:
 
 def _sampling_positions(geom: ConvGeometry, offset: np.ndarray, row_start: int, dtype) -> tuple:
     """Every sample's position ``(py, px)`` in the input, flat in plan order ``(image, row, column, K, G)``."""
-    kh, kw, k, groups = geom.kernel_h, geom.kernel_w, geom.kernel_points, geom.offset_groups
+    k, groups = geom.kernel_points, geom.offset_groups
     images, rows, cols = offset.shape[0], offset.shape[2], geom.out_w
-    (stride_h, stride_w), (dil_h, dil_w) = geom.stride, geom.dilation
-    pad_top, pad_left = geom.padding[0], geom.padding[1]
     # offset[b, g*2K + 2k + {0: dy, 1: dx}, r, c] -> (b, r, c, k, g), rows in plan order
     pair = offset.reshape(images, groups, k, 2, rows, cols)
     dy = pair[:, :, :, 0].transpose(0, 3, 4, 2, 1).astype(dtype, copy=False)
     dx = pair[:, :, :, 1].transpose(0, 3, 4, 2, 1).astype(dtype, copy=False)
-    out_y = np.arange(row_start, row_start + rows, dtype=dtype)[:, None, None, None]
-    out_x = np.arange(cols, dtype=dtype)[None, :, None, None]
-    ki = np.repeat(np.arange(kh, dtype=dtype), kw)[:, None]
-    kj = np.tile(np.arange(kw, dtype=dtype), kh)[:, None]
-    base_y = out_y * stride_h - pad_top + ki * dil_h          # (rows, 1, K, 1)
-    base_x = out_x * stride_w - pad_left + kj * dil_w         # (1, cols, K, 1)
-    return (dy + base_y).ravel(), (dx + base_x).ravel()
+    base_y, base_x = _kernel_positions(geom, np.dtype(dtype))
+    return (dy + base_y[row_start:row_start + rows]).ravel(), (dx + base_x).ravel()
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_positions(geom: ConvGeometry, dtype: np.dtype) -> tuple:
+    """Where each kernel point of each output row and column samples without offset (read-only, shared).
+
+    ``(base_y, base_x)``, shaped ``(H_out, 1, K, 1)`` and ``(1, W_out, K, 1)`` to broadcast
+    against the offsets in plan order.
+    """
+    (stride_h, stride_w), (dil_h, dil_w) = geom.stride, geom.dilation
+    ki, kj = np.divmod(np.arange(geom.kernel_points), geom.kernel_w)
+    base_y = (np.arange(geom.out_h)[:, None] * stride_h - geom.padding[0] + ki * dil_h).astype(dtype)
+    base_x = (np.arange(geom.out_w)[:, None] * stride_w - geom.padding[1] + kj * dil_w).astype(dtype)
+    base_y, base_x = base_y[:, None, :, None], base_x[None, :, :, None]
+    for array in (base_y, base_x):
+        array.flags.writeable = False
+    return base_y, base_x
 
 
 def _first_rows(geom: ConvGeometry, images: int, first_image: int, group_rows: int, index_dtype) -> np.ndarray:

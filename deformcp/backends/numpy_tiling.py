@@ -23,6 +23,7 @@ from ..workspace import Tile, get_workspace_limit, plan_tiles
 from . import numpy_grid
 from .cpu_threads import TileWorkers
 from .numpy_grid import InputRows
+from .numpy_products import forward_column_bytes
 from .numpy_sampling import SamplingPlan, sampling_plan
 
 __all__ = ["Tiling", "scratch_bytes"]
@@ -32,14 +33,11 @@ __all__ = ["Tiling", "scratch_bytes"]
 # which stay in the core's cache at this size (the sizes measured are in benchmarks/NOTES.md).
 _CHUNK_SAMPLES = 1 << 15
 # ... and at most this many bytes of columns, which BLAS then reads while they are in cache.
-# The backward pass keeps larger chunks: its weight gradient is a product whose inner
-# dimension is the chunk's pixels, and each chunk adds a weight-sized partial sum.
-_CHUNK_COLUMN_BYTES = 16 << 20
 # The forward pass's columns are the largest part of its memory, so its chunks are smaller,
-# as small as costs no speed (benchmarks/NOTES.md: BLAS packs the weight once per product,
-# which smaller chunks repeat for fewer rows); and at least the weight's size of columns,
-# a chunk of at least as many pixels as output channels.
-_FORWARD_CHUNK_COLUMN_BYTES = 8 << 20
+# as small as its products allow without losing speed (numpy_products.forward_column_bytes);
+# the backward pass keeps these: its weight gradient is a product whose inner dimension is
+# the chunk's pixels, and each chunk adds a weight-sized partial sum.
+_CHUNK_COLUMN_BYTES = 16 << 20
 # Indices and row pointers are int32 up to this value (a module constant so that tests can
 # lower it and run the int64 path); SciPy's kernels do not check bounds.
 _INT32_INDEX_MAX = np.iinfo(np.int32).max
@@ -103,8 +101,7 @@ class Tiling:
         limit = max(1, get_workspace_limit() // workers)
         column_bytes = _CHUNK_COLUMN_BYTES
         if not backward:
-            weight_bytes = k * geom.channels_per_group * geom.out_channels * s
-            column_bytes = min(column_bytes, max(_FORWARD_CHUNK_COLUMN_BYTES, weight_bytes))
+            column_bytes = min(column_bytes, forward_column_bytes(geom, s))
         cache_rows = min(_CHUNK_SAMPLES // (samples * w), column_bytes // max(1, k * geom.in_channels * s * w))
         self.chunk_rows = max(1, min(cache_rows, (limit - per_image) // (per_pixel * w)))
         chunk_bytes = self.chunk_rows * w * per_pixel
