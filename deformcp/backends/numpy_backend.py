@@ -35,12 +35,14 @@ from ..workspace import Tile
 from . import numpy_grid
 from .cpu_threads import quiet, tile_workers
 from .numpy_products import tile_view, weight_products
-from .numpy_sampling import SamplingPlan
+from .numpy_sampling import SamplingPlan, all_finite
 from .numpy_tiling import Tiling
 
 __all__ = ["forward", "backward", "im2col"]
 
 _CORNER_BLOCK_BYTES = 1 << 20
+# Channels per offset group from which the corner sums run a dot product per row (_channel_sums).
+_LONG_ROWS = 128
 
 
 @quiet
@@ -137,7 +139,7 @@ class _Backward:
         self.columns_gradient = bool(wrt & {"x", "offset", "mask"})
         self.coordinates = bool(wrt & {"offset", "mask"})
         # Whether the coordinate gradients may take their fast order of sums (see _coordinate_gradients).
-        self.x_finite = bool(np.isfinite(x).all()) if self.coordinates else True
+        self.x_finite = all_finite(x) if self.coordinates else True
         # Tiles of whole images write their grad_x directly from the worker.  Bands of rows of one
         # image add up their channels-last grad_x in tile order, and the image's sum is copied into
         # NCHW once (:meth:`add_up`).
@@ -182,7 +184,7 @@ class _Backward:
         gcols = self.products.gradient_columns(go, scratch).reshape(-1, geom.channels_per_offset_group)
         # With every value finite, the order of products cannot matter; otherwise 0 * Inf
         # terms must fall where torchvision's order puts them (docs/semantics.md, section 11).
-        finite = bool(np.isfinite(gcols).all()) and plan.mask_is_finite()
+        finite = all_finite(gcols) and plan.mask_is_finite()
         if gx is not None:
             plan.scatter_add(gcols, gx, near_only=not finite)
         if self.coordinates:
@@ -210,10 +212,7 @@ class _Backward:
 
     def _write_grad_x(self, tile: Tile, gx: np.ndarray) -> None:
         """The channels-last ``gx`` of the tile's images into their place in the NCHW ``grad_x``."""
-        geom = self.geom
-        nchw = self.grad_x[tile.batch].reshape(tile.images, geom.offset_groups, geom.channels_per_offset_group,
-                                               geom.height, geom.width)
-        nchw[...] = numpy_grid.image_view(geom, gx, tile.images)
+        numpy_grid.copy_to_nchw(self.geom, gx, tile.images, self.grad_x[tile.batch])
 
     def gradients(self) -> dict:
         """The gradients, by input name, once :meth:`add_up` has run."""
@@ -292,7 +291,7 @@ def _coordinate_gradients(geom: ConvGeometry, chunk: Tile, plan: SamplingPlan, x
 def _corner_sums(plan: SamplingPlan, rows: slice, corners: np.ndarray, g: np.ndarray,
                  d_py: np.ndarray, d_px: np.ndarray, d_mask: np.ndarray) -> None:
     """The coordinate gradients of a block of samples, channels summed first (finite values only)."""
-    s = np.einsum("nqc,nc->qn", corners, g)
+    s = _channel_sums(corners, g)
     fy, fx = plan.frac_y[rows], plan.frac_x[rows]
     np.add((1 - fx) * (s[2] - s[0]), fx * (s[3] - s[1]), out=d_py)
     np.add((1 - fy) * (s[1] - s[0]), fy * (s[3] - s[2]), out=d_px)
@@ -302,6 +301,19 @@ def _corner_sums(plan: SamplingPlan, rows: slice, corners: np.ndarray, g: np.nda
     w = plan.bilinear[rows]  # 0 at the early exit, where s may have read a NaN on a -1 line:
     np.copyto(d_mask, w[:, 0] * s[0] + w[:, 1] * s[1] + w[:, 2] * s[2] + w[:, 3] * s[3])
     d_mask[plan.outside[rows]] = 0  # an early-exit sample's value is 0 whatever its corners hold
+
+
+def _channel_sums(corners: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``s[q, n] = sum_c corners[n, q, c] * g[n, c]``, shape ``(4, N)`` (a view).
+
+    ``einsum`` for short rows; from ``_LONG_ROWS`` channels a dot product per row, which
+    NumPy's ``vecdot`` (2.0 and later; ``matmul`` before) runs faster (benchmarks/NOTES.md).
+    """
+    if corners.shape[2] < _LONG_ROWS:
+        return np.einsum("nqc,nc->qn", corners, g)
+    if hasattr(np, "vecdot"):
+        return np.vecdot(corners, g[:, None, :]).T
+    return np.matmul(corners, g[:, :, None])[:, :, 0].T
 
 
 def _torchvision_order_sums(plan: SamplingPlan, rows: slice, corners: np.ndarray, g: np.ndarray,

@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     _csr_matvecs = _csc_matvecs = None
 
-__all__ = ["SamplingPlan", "sampling_plan"]
+__all__ = ["SamplingPlan", "all_finite", "sampling_plan"]
 
 # (row, column) of each corner from the top-left one, in the order of SamplingPlan's columns.
 _CORNER_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -157,10 +157,7 @@ class SamplingPlan:
 
     @functools.cached_property
     def _mask_finite(self) -> bool:
-        # A finite sum (one fast reduction) proves it; only an overflowing or non-finite sum
-        # needs the test of every value.
-        return (self.mask is None or bool(np.isfinite(np.add.reduce(self.mask)))
-                or bool(np.isfinite(self.mask).all()))
+        return self.mask is None or all_finite(self.mask)
 
     def _near_corners_only(self) -> np.ndarray:
         """:attr:`index` with the corners farther than 1 from the position sent to a border pixel.
@@ -174,6 +171,19 @@ class SamplingPlan:
         for q, (a, b) in enumerate(_CORNER_OFFSETS):
             index[~(near_y[a] & near_x[b]), q] = 0
         return index
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value of ``array`` is finite.
+
+    The backend asks this of whole chunks to choose the order of its sums (docs/cpu.md), so
+    it is made cheap: a finite sum, one fast reduction, proves it (a NaN or an infinity would
+    make the sum NaN or infinite); only a sum that is not finite, because of such a value or
+    an overflow, needs the test of every value.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow or NaN of the sum is expected
+        total = np.add.reduce(array, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
 
 
 @functools.lru_cache(maxsize=16)
