@@ -13,8 +13,10 @@ columns.  Two ways to run it, chosen once per call by :func:`weight_products`:
   the kernel points (or the pixels) for all the channels at once, which streams through
   the columns in their own layout.
 
-Both compute the same sums, so NaN and infinity land where torchvision's products put
-them (a product of finite factors regrouped keeps its class: docs/semantics.md).
+Both compute each result as a sum of the same products, only in another order; whether
+such a sum is finite, NaN or infinite does not depend on the order (short of an overflow),
+so NaN and infinity land where torchvision's products put them (docs/semantics.md,
+section 11).
 """
 
 from __future__ import annotations
